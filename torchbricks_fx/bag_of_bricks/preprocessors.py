@@ -1,0 +1,54 @@
+"""Input preprocessing as a module (a graph leaf must be an ``nn.Module``, unlike the seed's callable)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from torchbricks_fx.errors import BrickError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessor"]
+
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+class Preprocessor(nn.Module):
+    """Normalizes images ``(N, C, H, W)`` per channel: ``(x - mean) / std``.
+
+    With ``uint8_input=True`` the input is expected as ``uint8`` in ``[0, 255]`` and is scaled to
+    ``[0, 1]`` first (e.g. images straight from a decoder, or an exported model fed raw pixels).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 uint8_input: bool = False) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise BrickError(f"Preprocessor: mean {tuple(mean)} and std {tuple(std)} need one value per channel "
+                             f"(got {len(mean)} and {len(std)}).")
+        if any(s <= 0 for s in std):
+            raise BrickError(f"Preprocessor: std values must be positive, got {tuple(std)}.")
+        # Non-persistent buffers: they move with .to() and become ONNX constants, but stay out of checkpoints
+        # (they are configuration, not learned weights).
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.uint8_input = uint8_input
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.uint8_input:
+            images = images.to(self.mean.dtype) / 255.0
+        elif not images.is_floating_point():
+            # Normalizing integer pixels without scaling would silently give values ~255x too large.
+            raise BrickError(f"Preprocessor got {images.dtype} images; pass floats in [0, 1] or build it with "
+                             f"Preprocessor(uint8_input=True) for uint8 pixels in [0, 255].")
+        return (images - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        mean = [round(v, 4) for v in self.mean.flatten().tolist()]
+        std = [round(v, 4) for v in self.std.flatten().tolist()]
+        return f"mean={mean}, std={std}, uint8_input={self.uint8_input}"
