@@ -17,7 +17,15 @@ from torch import nn
 
 from torchbricks_fx.bricks import STAGE_INPUT, Brick, bump_structure_version, structure_version
 from torchbricks_fx.errors import BrickError, BrickGraphError
-from torchbricks_fx.plan import PLAN_HINT, BrickSpec, StagePlan, make_plan, spec_problems, stage_problems
+from torchbricks_fx.plan import (
+    PLAN_HINT,
+    BrickSpec,
+    StagePlan,
+    make_plan,
+    merge_stage_problems,
+    spec_problems,
+    stage_problems,
+)
 from torchbricks_fx.runtime import BoundStep, bind_steps, check_inputs, enter_modes, exit_modes, run_steps, stage_modules
 from torchbricks_fx.stage import Stage, parse_stage
 
@@ -119,10 +127,10 @@ class BrickCollection(nn.ModuleDict):
     def check(self, stages: Iterable[Stage | str] | None = None) -> None:
         """Validates every stage (or ``stages``) and raises one ``BrickGraphError`` listing every problem."""
         specs, problems = self.specs()
-        for stage in (Stage if stages is None else stages):
-            problems += stage_problems(specs, parse_stage(stage))[1]
+        checked = [parse_stage(stage) for stage in (Stage if stages is None else stages)]
+        problems += merge_stage_problems({stage: stage_problems(specs, stage)[1] for stage in checked})
         if problems:
-            raise BrickGraphError(list(dict.fromkeys(problems)), hint=PLAN_HINT)
+            raise BrickGraphError(problems, hint=PLAN_HINT)
 
     def _program(self, stage: Stage, outputs: Sequence[str] | None = None) -> _Program:
         key = (stage, None if outputs is None else tuple(outputs))

@@ -16,7 +16,11 @@ from torchbricks_fx.bricks import STAGE_INPUT, Brick
 from torchbricks_fx.errors import BrickGraphError
 from torchbricks_fx.stage import Stage
 
-__all__ = ["BrickSpec", "FrozenMap", "StagePlan", "make_plan", "spec_problems", "stage_problems"]
+__all__ = ["BrickSpec", "FrozenMap", "StagePlan", "make_plan", "merge_stage_problems", "spec_problems",
+           "stage_problems"]
+
+# Stage-specific problems carry this token so that ``check`` can merge one problem seen in several stages.
+STAGE_TOKEN = "\x00stage\x00"
 
 PLAN_HINT = "collection.plan(stage) lists the bricks, required inputs and outputs of a stage " \
             "(or run `torchbricks-fx inspect FILE`)."
@@ -201,7 +205,7 @@ def _stage_graph(specs: Sequence[BrickSpec], stage: Stage, problems: list[str]) 
             producers.setdefault(output, []).append(spec)
     for value, owners in producers.items():
         if len(owners) > 1:
-            problems.append(f"Stage {stage.value}: {value!r} is produced by more than one live brick: "
+            problems.append(f"In {STAGE_TOKEN}: {value!r} is produced by more than one live brick: "
                             f"{', '.join(repr(o.name) for o in owners)}.")
     dead_producers: dict[str, list[str]] = {}
     for spec in specs:
@@ -216,7 +220,7 @@ def _stage_graph(specs: Sequence[BrickSpec], stage: Stage, problems: list[str]) 
             if value in producers:
                 needed.append(producers[value][0].name)
             elif value in dead_producers:
-                problems.append(f"Brick {spec.name!r} needs {value!r} in stage {stage.value}, but its producer "
+                problems.append(f"Brick {spec.name!r} needs {value!r} in {STAGE_TOKEN}, but its producer "
                                 f"{', '.join(map(repr, dead_producers[value]))} is dead in that stage."
                                 + _closest(value, producers))
         deps[spec.name] = tuple(dict.fromkeys(needed))
@@ -248,13 +252,13 @@ def _topological_order(graph: _StageGraph, stage: Stage, problems: list[str]) ->
                 heapq.heappush(ready, (by_name[user].index, user))
     if len(order) < len(by_name):
         done = {spec.name for spec in order}
-        problems.append(f"Stage {stage.value}: the bricks form a cycle: "
-                        f"{' -> '.join(_find_cycle(graph.deps, done))}.")
+        problems.append(f"In {STAGE_TOKEN}: the bricks form a cycle: "
+                        f"{' -> '.join(map(repr, _find_cycle(graph.deps, done)))}.")
     return tuple(order)
 
 
 def _find_cycle(deps: Mapping[str, tuple[str, ...]], done: set[str]) -> list[str]:
-    """One cycle among the bricks that could not be ordered, as a path that returns to its start."""
+    """One cycle among the bricks that could not be ordered, in data-flow order, returning to its start."""
     start = next(name for name in deps if name not in done)
     path: list[str] = []
     position: dict[str, int] = {}
@@ -263,13 +267,29 @@ def _find_cycle(deps: Mapping[str, tuple[str, ...]], done: set[str]) -> list[str
         position[node] = len(path)
         path.append(node)
         node = next(dep for dep in deps[node] if dep not in done)
-    return [*path[position[node]:], node]
+    return [*path[position[node]:], node][::-1]
 
 
 # --------------------------------------------------------------------------------------------- plan
+def name_stages(problem: str, stages: Sequence[Stage]) -> str:
+    """Fills a problem's stage token: "stage train" or "stages train, validation and test"."""
+    names = [stage.value for stage in stages]
+    text = f"stage {names[0]}" if len(names) == 1 else f"stages {', '.join(names[:-1])} and {names[-1]}"
+    return problem.replace(STAGE_TOKEN, text)
+
+
+def merge_stage_problems(problems_by_stage: Mapping[Stage, Sequence[str]]) -> list[str]:
+    """One line per distinct problem, naming every stage it occurs in."""
+    stages_of: dict[str, list[Stage]] = {}
+    for stage, problems in problems_by_stage.items():
+        for problem in problems:
+            stages_of.setdefault(problem, []).append(stage)
+    return [name_stages(problem, stages) for problem, stages in stages_of.items()]
+
+
 def stage_problems(specs: Sequence[BrickSpec], stage: Stage,
                    outputs: Sequence[str] | None = None) -> tuple[StagePlan | None, list[str]]:
-    """Plans ``stage``; returns ``(plan, [])`` or ``(None, problems)``."""
+    """Plans ``stage``; returns ``(plan, [])`` or ``(None, problems)`` (problems carry ``STAGE_TOKEN``)."""
     problems: list[str] = []
     graph = _stage_graph(specs, stage, problems)
     order = _topological_order(graph, stage, problems)
@@ -278,8 +298,8 @@ def stage_problems(specs: Sequence[BrickSpec], stage: Stage,
         outputs = list(dict.fromkeys(outputs))
         for value in outputs:
             if value not in graph.producer:
-                problems.append(f"Requested output {value!r} is not produced by any live brick in stage "
-                                f"{stage.value}." + _closest(value, produced))
+                problems.append(f"Requested output {value!r} is not produced by any live brick in {STAGE_TOKEN}."
+                                + _closest(value, produced))
     if problems:
         return None, problems
     selected = tuple(outputs) if outputs is not None else tuple(produced)
@@ -319,5 +339,5 @@ def make_plan(specs: Sequence[BrickSpec], name_problems: Sequence[str], stage: S
     plan, problems = stage_problems(specs, stage, outputs)
     problems = [*name_problems, *problems]
     if problems or plan is None:
-        raise BrickGraphError(problems, hint=PLAN_HINT)
+        raise BrickGraphError([name_stages(p, [stage]) for p in problems], hint=PLAN_HINT)
     return plan
