@@ -5,16 +5,37 @@ Importing this package imports torchvision (the core package does not).
 
 from __future__ import annotations
 
-from torchbricks_fx.bag_of_bricks.backbones import BackboneResnet, resnet_to_brick
+from torchbricks_fx.bag_of_bricks.backbones import (
+    BackboneResnet,
+    BackboneTorchvision,
+    backbone_brick,
+    backbone_names,
+    resnet_to_brick,
+    torchvision_backbone,
+)
 from torchbricks_fx.bag_of_bricks.heads import ImageClassifier, SegmentationHead
 from torchbricks_fx.bag_of_bricks.preprocessors import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
+from torchbricks_fx.bag_of_bricks.tasks import (
+    classification_head_bricks,
+    image_classification_bricks,
+    segmentation_bricks,
+    segmentation_head_bricks,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BackboneResnet",
+    "BackboneTorchvision",
     "ImageClassifier",
     "Preprocessor",
     "SegmentationHead",
+    "backbone_brick",
+    "backbone_names",
+    "classification_head_bricks",
+    "image_classification_bricks",
     "resnet_to_brick",
+    "segmentation_bricks",
+    "segmentation_head_bricks",
+    "torchvision_backbone",
 ]

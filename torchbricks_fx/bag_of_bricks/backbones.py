@@ -6,17 +6,20 @@ passes ``weights``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from torchbricks_fx.bricks import BrickTrainable
+from torchbricks_fx.bricks import BrickModule, BrickNotTrainable, BrickTrainable
+from torchbricks_fx.errors import BrickError
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet
 
-__all__ = ["BackboneResnet", "resnet_to_brick"]
+__all__ = ["BackboneResnet", "BackboneTorchvision", "backbone_brick", "backbone_names", "resnet_to_brick",
+           "torchvision_backbone"]
 
 
 class BackboneResnet(nn.Module):
@@ -48,3 +51,98 @@ def resnet_to_brick(resnet: ResNet, input_name: str, output_name: str) -> BrickT
     """Wraps a torchvision ResNet as a trainable backbone brick: ``input_name`` images -> ``output_name``
     feature maps.  ``brick.model.n_backbone_features`` gives the feature width for a head."""
     return BrickTrainable(BackboneResnet(resnet), input_names=[input_name], output_names=[output_name])
+
+
+class BackboneTorchvision(nn.Module):
+    """Feature maps ``(N, n_backbone_features, h, w)`` from the layers of a torchvision classification model
+    that come before its global pooling and classifier."""
+
+    def __init__(self, layers: nn.Module, n_backbone_features: int, model_name: str) -> None:
+        super().__init__()
+        self.layers = layers
+        self.n_backbone_features = n_backbone_features
+        self.model_name = model_name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+    def extra_repr(self) -> str:
+        return f"model_name={self.model_name!r}, n_backbone_features={self.n_backbone_features}"
+
+
+# How to cut each torchvision family before its pooling; the key is a model-name prefix.  Families left out
+# (googlenet, inception_v3, maxvit, vit) have auxiliary outputs, token outputs or no clean cut.
+_FAMILIES: dict[str, Callable[[Any], nn.Module]] = {
+    "resnet": BackboneResnet,
+    "resnext": BackboneResnet,
+    "wide_resnet": BackboneResnet,
+    "regnet": lambda m: nn.Sequential(m.stem, m.trunk_output),
+    "shufflenet": lambda m: nn.Sequential(m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5),
+    "mnasnet": lambda m: m.layers,
+    # densenet applies its final ReLU in forward(), not as a layer.
+    "densenet": lambda m: nn.Sequential(m.features, nn.ReLU()),
+    # swin's features are channels-last; its own forward normalizes and permutes them back.
+    "swin": lambda m: nn.Sequential(m.features, m.norm, m.permute),
+    "alexnet": lambda m: m.features,
+    "vgg": lambda m: m.features,
+    "squeezenet": lambda m: m.features,
+    "mobilenet": lambda m: m.features,
+    "efficientnet": lambda m: m.features,
+    "convnext": lambda m: m.features,
+}
+
+
+def backbone_names() -> list[str]:
+    """The torchvision classification models that ``backbone_brick`` accepts."""
+    from torchvision import models
+
+    return [name for name in models.list_models(module=models) if _family(name) is not None]
+
+
+def _family(name: str) -> str | None:
+    # Longest prefix first: "resnext" must not match "resnet".
+    return next((f for f in sorted(_FAMILIES, key=len, reverse=True) if name.startswith(f)), None)
+
+
+def _count_channels(layers: nn.Module) -> int:
+    """Channels of the feature maps, from one small forward pass (weights do not change the shape)."""
+    was_training = layers.training
+    layers.eval()  # a batch of one would break BatchNorm in train mode
+    try:
+        with torch.no_grad():
+            return int(layers(torch.zeros(1, 3, 64, 64)).shape[1])
+    finally:
+        layers.train(was_training)
+
+
+def torchvision_backbone(name: str, weights: Any = None, **model_kwargs: Any) -> nn.Module:
+    """A torchvision classification model ``name`` cut before its pooling, with ``n_backbone_features``.
+
+    ``weights=None`` (default) initializes randomly and downloads nothing; pass a torchvision weights enum or
+    name (e.g. ``"DEFAULT"``) to load pretrained weights.
+    """
+    from torchvision import models
+
+    valid = backbone_names()
+    if name not in valid:
+        raise BrickError(f"Unknown backbone {name!r}. Valid backbones: {', '.join(valid)}.")
+    model = models.get_model(name, weights=weights, **model_kwargs)
+    family = _family(name)
+    if family is None:  # unreachable after the check above; keeps the type checker informed
+        raise BrickError(f"Unknown backbone {name!r}.")
+    layers = _FAMILIES[family](model)
+    if isinstance(layers, BackboneResnet):
+        return layers
+    return BackboneTorchvision(layers, _count_channels(layers), name)
+
+
+def backbone_brick(name: str, input_name: str = "normalized", output_name: str = "features", *,
+                   weights: Any = None, trainable: bool = True, **model_kwargs: Any) -> BrickModule:
+    """A torchvision classification model as a backbone brick: ``input_name`` images -> ``output_name``
+    feature maps.  ``brick.model.n_backbone_features`` gives the feature width for a head;
+    ``backbone_names()`` lists the valid ``name`` values.  ``trainable=False`` freezes the weights (useful
+    with pretrained ``weights``)."""
+    model = torchvision_backbone(name, weights=weights, **model_kwargs)
+    if trainable:
+        return BrickTrainable(model, input_names=[input_name], output_names=[output_name])
+    return BrickNotTrainable(model, input_names=[input_name], output_names=[output_name])
