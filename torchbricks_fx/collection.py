@@ -48,6 +48,9 @@ def _as_collection_member(key: object, value: object) -> nn.Module:
     if not isinstance(key, str) or not key or "." in key:
         raise BrickGraphError([f"Collection key {key!r} is not a valid brick name (a non-empty string "
                                f"without '.')."])
+    if hasattr(BrickCollection, key):
+        raise BrickGraphError([f"Brick name {key!r} clashes with the nn.Module attribute {key!r} of the collection; "
+                               f"choose another name."])
     if isinstance(value, (Brick, BrickCollection)):
         return value
     if isinstance(value, Mapping):

@@ -1,0 +1,247 @@
+"""Eager BrickCollection: bindings, stages and modes, losses, metrics, dict behaviour, weights on disk."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from torchbricks_fx import (
+    BrickCollection,
+    BrickError,
+    BrickGraphError,
+    BrickMetrics,
+    BrickMetricSingle,
+    BrickNotTrainable,
+    BrickOutputError,
+    BrickTrainable,
+    Stage,
+)
+
+
+class AddMul(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return a + b, a * b
+
+
+class Sub(nn.Module):
+    def forward(self, minuend: torch.Tensor, subtrahend: torch.Tensor) -> torch.Tensor:
+        return minuend - subtrahend
+
+
+class Everything(nn.Module):
+    def forward(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(values.values())).sum(dim=0)
+
+
+class StageAware(nn.Module):
+    def forward(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
+        return x * 10 if stage is Stage.TRAIN else x
+
+
+def test_positional_keyword_all_and_stage_bindings():
+    collection = BrickCollection({
+        "add_mul": BrickTrainable(AddMul(), input_names=["a", "b"], output_names=["sum", "product"]),
+        # keyword binding is {argument: value name}
+        "sub": BrickTrainable(Sub(), input_names={"subtrahend": "a", "minuend": "sum"}, output_names=["diff"]),
+        "all": BrickTrainable(Everything(), input_names="all", output_names=["total"]),
+        "staged": BrickTrainable(StageAware(), input_names=["a", "stage"], output_names=["scaled"]),
+    })
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    out = collection({"a": a, "b": b}, Stage.INFERENCE)
+    assert torch.equal(out["diff"], b)
+    assert torch.equal(out["total"], a + b + (a + b) + a * b + b)
+    assert torch.equal(out["scaled"], a)
+    assert torch.equal(collection({"a": a, "b": b}, Stage.TRAIN)["scaled"], a * 10)
+    assert "stage" not in out
+
+
+def test_seed_outputs_keys_and_return_inputs(multitask, multitask_inputs):
+    out = multitask(named_inputs=multitask_inputs, stage=Stage.TRAIN)
+    assert list(out) == ["raw", "labels", "masks", "image", "features", "logits", "prediction", "seg",
+                         "loss_cls", "loss_seg"]
+    without = multitask(named_inputs=multitask_inputs, stage=Stage.TRAIN, return_inputs=False)
+    assert "raw" not in without and "seg" in without
+    assert multitask_inputs.keys() == {"raw", "labels", "masks"}  # the caller's dict is untouched
+
+
+def test_stage_modes_are_applied_and_restored(multitask, multitask_inputs):
+    multitask.train()
+    out = multitask(multitask_inputs, Stage.INFERENCE)
+    assert not out["features"].requires_grad
+    assert all(m.training for m in multitask.modules())  # the caller's modes are back
+    # BatchNorm in eval mode uses running stats: inference is batch-independent.
+    single = multitask({"raw": multitask_inputs["raw"][:1]}, Stage.INFERENCE)["logits"]
+    torch.testing.assert_close(single, out["logits"][:1])
+
+    multitask.eval()
+    running_mean = multitask["backbone"].model.bn.running_mean.clone()
+    train_out = multitask(multitask_inputs, Stage.TRAIN)
+    assert train_out["loss_cls"].requires_grad
+    assert not torch.equal(running_mean, multitask["backbone"].model.bn.running_mean)  # train-mode BN
+    assert not any(m.training for m in multitask.modules())
+
+
+def test_dropout_is_off_outside_train():
+    collection = BrickCollection({"drop": BrickTrainable(nn.Dropout(0.5), input_names=["x"], output_names=["y"])})
+    x = torch.ones(1000)
+    for stage in (Stage.VALIDATION, Stage.TEST, Stage.INFERENCE, Stage.EXPORT):
+        assert torch.equal(collection({"x": x}, stage)["y"], x)
+    assert not torch.equal(collection({"x": x}, Stage.TRAIN)["y"], x)
+
+
+def test_not_trainable_freezes_and_calculate_gradients_false_blocks_gradients():
+    torch.manual_seed(0)
+    first = nn.Linear(3, 3)
+
+    def build(calculate_gradients: bool) -> BrickCollection:
+        return BrickCollection({
+            "first": BrickTrainable(first, input_names=["x"], output_names=["h"]),
+            "frozen": BrickNotTrainable(nn.Linear(3, 3), input_names=["h"], output_names=["y"],
+                                        calculate_gradients=calculate_gradients),
+        })
+
+    flowing = build(calculate_gradients=True)
+    assert not any(p.requires_grad for p in flowing["frozen"].parameters())
+    flowing({"x": torch.randn(2, 3)}, Stage.TRAIN)["y"].sum().backward()
+    assert first.weight.grad is not None
+
+    first.weight.grad = None
+    blocked = build(calculate_gradients=False)
+    y = blocked({"x": torch.randn(2, 3)}, Stage.TRAIN)["y"]
+    assert not y.requires_grad  # really ran without recording gradients
+    assert first.weight.grad is None
+
+
+def test_extract_losses_and_summarize(multitask, multitask_inputs):
+    for _ in range(2):
+        out = multitask(multitask_inputs, Stage.TRAIN)
+    losses = multitask.extract_losses(out)
+    assert set(losses) == {"loss_cls", "loss_seg"}
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    expected = multiclass_accuracy(out["prediction"], multitask_inputs["labels"], num_classes=3)
+    summary = multitask.summarize(Stage.TRAIN, reset=True)
+    assert set(summary) == {"MulticlassAccuracy"}
+    torch.testing.assert_close(summary["MulticlassAccuracy"], expected, check_dtype=False)
+    assert multitask.summarize(Stage.INFERENCE) == {}
+
+
+def test_metrics_are_per_stage_and_can_be_returned():
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassPrecision
+
+    brick = BrickMetrics(MetricCollection({"acc": MulticlassAccuracy(num_classes=2, average="micro"),
+                                           "prec": MulticlassPrecision(num_classes=2)}),
+                         input_names=["pred", "target"], return_metrics=True)
+    assert set(brick.metrics) == {"TRAIN", "VALIDATION", "TEST"}
+    assert brick.metrics["TRAIN"] is not brick.metrics["TEST"]
+    collection = BrickCollection({"metrics": brick})
+    out = collection({"pred": torch.tensor([0, 1]), "target": torch.tensor([0, 0])}, Stage.TEST)
+    assert set(out) >= {"acc", "prec"}
+    assert float(collection.summarize(Stage.TEST)["acc"]) == pytest.approx(0.5)
+    single = BrickMetricSingle(MulticlassAccuracy(num_classes=2), input_names=["pred", "target"],
+                               metric_name="accuracy")
+    assert list(single.metrics["TRAIN"].keys()) == ["accuracy"]
+
+
+def test_wrong_output_arity_names_the_brick():
+    collection = BrickCollection({"head": BrickTrainable(nn.Identity(), input_names=["x"],
+                                                         output_names=["a", "b"])})
+    with pytest.raises(BrickOutputError, match=r"Brick 'head' returned one Tensor but declares 2 output names"):
+        collection({"x": torch.ones(2)}, Stage.INFERENCE)
+    collection = BrickCollection({"head": BrickTrainable(AddMul(), input_names=["x", "x"], output_names=["a"])})
+    with pytest.raises(BrickOutputError, match=r"Brick 'head' returned a tuple of 2 values but declares one"):
+        collection({"x": torch.ones(2)}, Stage.INFERENCE)
+
+
+def test_errors_inside_a_brick_are_annotated_with_its_name():
+    collection = BrickCollection({"bad": BrickTrainable(nn.Linear(3, 3), input_names=["x"], output_names=["y"])})
+    with pytest.raises(RuntimeError) as info:
+        collection({"x": torch.ones(2, 5)}, Stage.INFERENCE)
+    assert "(raised in brick 'bad')" in getattr(info.value, "__notes__", ["(raised in brick 'bad')"])
+
+
+def test_plain_callables_become_modules():
+    collection = BrickCollection({"twice": BrickNotTrainable(lambda x: x * 2, input_names=["x"],
+                                                              output_names=["y"])})
+    assert torch.equal(collection({"x": torch.ones(2)}, Stage.INFERENCE)["y"], torch.full((2,), 2.0))
+
+
+def test_nested_dicts_and_dict_operations(multitask):
+    assert isinstance(multitask["heads"], BrickCollection)
+    assert list(multitask.bricks())[:4] == ["preprocessor", "backbone", "heads.classifier", "heads.segmenter"]
+    head = multitask["heads"].pop("segmenter")
+    assert "seg" not in multitask.plan(Stage.INFERENCE).outputs
+    multitask["heads"]["segmenter"] = head
+    assert "seg" in multitask.plan(Stage.INFERENCE).outputs
+    multitask.update({"extra": {"twice": BrickTrainable(nn.Identity(), input_names=["seg"],
+                                                        output_names=["seg2"])}})
+    assert multitask.plan(Stage.INFERENCE).bricks[-1] == "extra.twice"
+    with pytest.raises(BrickGraphError, match=r"Brick name 'double' clashes with the nn.Module attribute"):
+        multitask["double"] = head
+    assert "heads" in multitask and len(multitask) == 7
+
+
+def test_seed_single_brick_forward():
+    brick = BrickTrainable(AddMul(), input_names=["a", "b"], output_names=["s", "p"])
+    out = brick(named_inputs={"a": torch.ones(1), "b": torch.ones(1)}, stage=Stage.INFERENCE)
+    assert set(out) == {"s", "p"}
+    assert brick.run_now(Stage.TRAIN)
+
+
+# ------------------------------------------------------------------------------------------- weights
+def test_save_and_load_bricks_round_trip(tmp_path, multitask, multitask_inputs):
+    folder = multitask.save_bricks(tmp_path / "weights")
+    assert sorted(p.name for p in folder.iterdir()) == ["backbone.pt", "heads.classifier.pt",
+                                                        "heads.segmenter.pt"]
+    reference = multitask(multitask_inputs, Stage.INFERENCE)["logits"]
+    torch.manual_seed(123)
+    from conftest import multitask_bricks
+
+    fresh = BrickCollection(multitask_bricks())
+    assert not torch.allclose(fresh(multitask_inputs, Stage.INFERENCE)["logits"], reference)
+    fresh.load_bricks(folder)
+    torch.testing.assert_close(fresh(multitask_inputs, Stage.INFERENCE)["logits"], reference)
+
+
+def test_load_bricks_warns_about_missing_files_by_name(tmp_path, multitask):
+    folder = multitask.save_bricks(tmp_path / "weights")
+    (folder / "heads.segmenter.pt").unlink()
+    with pytest.warns(UserWarning, match=r"No weights file for brick\(s\) \['heads.segmenter'\]"):
+        multitask.load_bricks(folder)
+
+
+def test_load_bricks_is_all_or_nothing(tmp_path, multitask):
+    folder = multitask.save_bricks(tmp_path / "weights")
+    torch.save({"conv.weight": torch.zeros(1)}, folder / "backbone.pt")
+    before = {k: v.clone() for k, v in multitask.state_dict().items()}
+    with pytest.raises(BrickError, match=r"(?s)nothing was loaded.*brick 'backbone'"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        multitask.load_bricks(folder)
+    assert all(torch.equal(before[k], v) for k, v in multitask.state_dict().items())
+
+
+def test_save_bricks_failure_leaves_no_partial_folder(tmp_path, multitask, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        multitask.save_bricks(tmp_path / "weights")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_bricks_replaces_an_old_folder_only_on_success(tmp_path, multitask, monkeypatch):
+    folder = multitask.save_bricks(tmp_path / "weights")
+    (folder / "marker.txt").write_text("old")
+    multitask.save_bricks(folder)
+    assert not (folder / "marker.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
+
+
+def test_load_bricks_refuses_missing_folder(tmp_path, multitask):
+    with pytest.raises(BrickError, match="No brick weights folder"):
+        multitask.load_bricks(tmp_path / "nothing")
