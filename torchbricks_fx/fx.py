@@ -158,14 +158,20 @@ class StageModule(nn.Module):
         try:
             with torch.set_grad_enabled(training):
                 results = self._run_graph(args)
-                if not self._metric_steps:
-                    values = dict(zip(self.graph_output_names, results))
-                else:
-                    values = {**named_inputs, **dict(zip(self.graph_output_names, results)), STAGE_INPUT: self.stage}
-                    run_steps(self._metric_steps, values)
+                values = dict(zip(self.graph_output_names, results))
+                if self._metric_steps:
+                    values = self._update_metrics(named_inputs, values)
         finally:
             exit_modes(flipped, training)
         return {name: values[name] for name in self.output_names}
+
+    @torch.compiler.disable
+    def _update_metrics(self, named_inputs: dict[str, Any], graph_values: dict[str, Any]) -> dict[str, Any]:
+        # Metrics are stateful and full of data-dependent shapes: under torch.compile they stay eager, behind
+        # this one deliberate graph break, instead of Dynamo tracing (and breaking inside) torchmetrics.
+        values = {**named_inputs, **graph_values, STAGE_INPUT: self.stage}
+        run_steps(self._metric_steps, values)
+        return values
 
     def _run_graph(self, args: list[Any]) -> Any:
         if torch.compiler.is_compiling() or self._arity_checked:
