@@ -1,6 +1,6 @@
 """Reusable bricks: preprocessors, torchvision backbones, task heads and ready-made collections.
 
-Importing this package imports torchvision (the core package does not).
+torchvision and torchmetrics are imported only when a backbone or a ready-made collection is built.
 """
 
 from __future__ import annotations
