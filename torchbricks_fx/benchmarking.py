@@ -1,0 +1,490 @@
+"""Latency and throughput of a stage per backend and batch size, and the latency of each brick.
+
+Timing is ``torch.utils.benchmark.Timer.blocked_autorange`` (block size chosen so that timer overhead is
+negligible, accelerator synchronization at block boundaries, a fixed number of threads).  Results are
+frozen dataclasses; rendering (Markdown table, JSON, PNG plot) is separate and works on any list of
+results, e.g. ones loaded back from JSON.
+
+This module is not called ``benchmark.py``: importing a submodule named like the public function
+``benchmark`` would replace the function on the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.benchmark import Timer
+
+from torchbricks_fx.backends import DEFAULT_BACKENDS, BoundCall, Runner, make_runner, parse_backends, parse_device
+from torchbricks_fx.bricks import STAGE_INPUT
+from torchbricks_fx.errors import BrickBackendError
+from torchbricks_fx.runtime import enter_modes, exit_modes, stage_modules
+from torchbricks_fx.stage import Stage, parse_stage
+
+__all__ = [
+    "JSON_SCHEMA",
+    "BenchmarkResult",
+    "BrickProfile",
+    "benchmark",
+    "environment",
+    "plot",
+    "profile_bricks",
+    "profile_to_markdown",
+    "resize_batch",
+    "results_from_json",
+    "time_statement",
+    "to_json",
+    "to_markdown",
+]
+
+JSON_SCHEMA = "torchbricks_fx.benchmark/1"
+RTOL, ATOL = 1e-3, 1e-4
+WARMUP_CALLS = 3
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """One backend at one batch size.  Times are seconds per call; ``None`` where not applicable or failed.
+
+    ``setup_seconds`` is the one-time preparation of the backend (building the stage module; torch.compile's
+    wrapper; export + verification + session creation for onnxruntime), ``warmup_seconds`` the untimed first
+    calls at this batch size (where torch.compile really compiles).  ``matched`` says whether the outputs
+    equal eager's on the same inputs (rtol 1e-3, atol 1e-4), ``max_abs_error`` by how much they differ.
+    """
+
+    backend: str
+    device: str
+    stage: str
+    batch_size: int
+    threads: int
+    median_s: float | None = None
+    iqr_s: float | None = None
+    runs: int = 0
+    throughput: float | None = None
+    speedup_vs_eager: float | None = None
+    setup_seconds: float | None = None
+    warmup_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    matched: bool | None = None
+    max_abs_error: float | None = None
+    failed: bool = False
+    reason: str | None = None
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """Time spent before the first timed call: preparation plus warm-up (compilation for ``compile``)."""
+        if self.setup_seconds is None and self.warmup_seconds is None:
+            return None
+        return (self.setup_seconds or 0.0) + (self.warmup_seconds or 0.0)
+
+
+@dataclass(frozen=True)
+class BrickProfile:
+    """One brick's latency in a stage, timed on its real inputs; ``share`` of the sum over the bricks."""
+
+    brick: str
+    median_s: float
+    iqr_s: float
+    share: float
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def resize_batch(named_inputs: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
+    """The inputs with dimension 0 of every tensor repeated or sliced to ``batch_size`` (other values and
+    0-d tensors unchanged)."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise BrickBackendError(f"Batch sizes must be positive integers, not {batch_size!r}.")
+    resized: dict[str, Any] = {}
+    for name, value in named_inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0:
+            index = torch.arange(batch_size, device=value.device) % value.shape[0]
+            resized[name] = value.index_select(0, index)
+        else:
+            resized[name] = value
+    return resized
+
+
+def _batch_size(named_inputs: Mapping[str, Any]) -> int:
+    sizes = [v.shape[0] for v in named_inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return max(sizes) if sizes else 1
+
+
+def _to_device(named_inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in named_inputs.items()}
+
+
+# --------------------------------------------------------------------------------------------- state
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[int]:
+    """Sets torch's intra-op threads for the block (``None``: keep the current setting); restores them."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise BrickBackendError(f"threads must be a positive integer or None, not {threads!r}.")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _on_device(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Moves ``module`` to ``device`` for the block and back to where its tensors were (one device)."""
+    devices = {t.device for t in (*module.parameters(), *module.buffers())}
+    if devices <= {device}:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        if len(devices) == 1:
+            module.to(next(iter(devices)))
+
+
+# --------------------------------------------------------------------------------------------- timing
+def time_statement(stmt: str, globals: Mapping[str, Any], *, threads: int, min_run_time: float,
+                   label: str = "", description: str = "") -> Any:
+    """``Timer(stmt, globals, num_threads=threads).blocked_autorange(min_run_time)``: a ``Measurement``
+    (``.median``, ``.iqr``, ``.times``)."""
+    timer = Timer(stmt=stmt, globals=dict(globals), num_threads=threads, label=label, description=description)
+    return timer.blocked_autorange(min_run_time=min_run_time)
+
+
+def _compare(reference: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> tuple[bool, float]:
+    """Whether ``got`` equals ``reference`` within float tolerances, and the largest absolute error."""
+    matched, worst = set(reference) == set(got), 0.0
+    for name, ref in reference.items():
+        value = got.get(name)
+        if value is None or tuple(value.shape) != tuple(ref.shape):
+            matched, worst = False, math.inf
+            continue
+        if ref.is_floating_point() or ref.is_complex():
+            diff = (value.to(ref.dtype) - ref).abs()
+            worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
+            matched = matched and torch.allclose(value.to(ref.dtype), ref, rtol=RTOL, atol=ATOL, equal_nan=True)
+        else:
+            equal = bool(torch.equal(value.to(ref.dtype), ref))
+            worst = max(worst, 0.0 if equal else float((value.double() - ref.double()).abs().max()))
+            matched = matched and equal
+    return matched, worst
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or "(no message)"
+    if len(text) > 600:
+        text = text[:600] + " ..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _warm_up(runner: Runner, bound: BoundCall) -> float:
+    """Untimed first calls (compilation for compiled backends); seconds spent."""
+    import torch._dynamo.config as dynamo_config
+
+    # Dynamo caches compiled code per code object (StageModule.forward is shared by every stage module) and
+    # falls back to eager *silently* past its recompile limit; make that an error so it is reported.
+    guard = dynamo_config.patch(fail_on_recompile_limit_hit=True) if runner.compiles else contextlib.nullcontext()
+    code = compile(bound.stmt, "<benchmark>", "eval")
+    start = time.perf_counter()
+    try:
+        with guard:
+            for _ in range(WARMUP_CALLS):
+                eval(code, dict(bound.globals))
+    except Exception as error:
+        if type(error).__name__ == "FailOnRecompileLimitHit":
+            raise BrickBackendError(
+                f"torch.compile reached torch._dynamo.config.recompile_limit "
+                f"({dynamo_config.recompile_limit}) for StageModule.forward in this process, so the compiled "
+                f"stage would silently run eagerly; torch._dynamo.reset() clears the compile cache.") from None
+        raise
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping[str, torch.Tensor], *,
+             base: BenchmarkResult, min_run_time: float, device: torch.device) -> BenchmarkResult:
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    bound = runner.bind(named_inputs)
+    warmup = _warm_up(runner, bound)
+    matched, error = _compare(reference, bound.fetch())
+    measurement = time_statement(bound.stmt, bound.globals, threads=base.threads, min_run_time=min_run_time,
+                                 label=base.stage, description=runner.name)
+    # ORT allocates on the GPU outside torch's allocator: torch's peak would be meaningless there.
+    peak = torch.cuda.max_memory_allocated(device) if cuda and runner.name != "onnxruntime" else None
+    median = float(measurement.median)
+    return dataclasses.replace(base, median_s=median, iqr_s=float(measurement.iqr), runs=len(measurement.times),
+                               throughput=base.batch_size / median if median > 0 else None,
+                               setup_seconds=runner.setup_seconds, warmup_seconds=warmup, peak_memory_bytes=peak,
+                               matched=matched, max_abs_error=error)
+
+
+def _run_backend(name: str, collection: Any, stage: Stage, outputs: Sequence[str],
+                 inputs: Mapping[int, Mapping[str, Any]], references: Mapping[int, Mapping[str, torch.Tensor]], *,
+                 device: torch.device, threads: int, min_run_time: float, input_names: Sequence[str],
+                 progress: Progress) -> list[BenchmarkResult]:
+    bases = {bs: BenchmarkResult(backend=name, device=str(device), stage=stage.value, batch_size=bs, threads=threads)
+             for bs in inputs}
+    progress(f"{name}: preparing")
+    try:
+        first = next(iter(inputs.values()))
+        runner = make_runner(name, collection, stage, outputs, named_inputs=first, device=device, threads=threads,
+                             input_names=input_names)
+    except Exception as error:
+        progress(f"{name}: failed ({_reason(error)})")
+        return [dataclasses.replace(base, failed=True, reason=_reason(error)) for base in bases.values()]
+    results = []
+    try:
+        for bs, named_inputs in inputs.items():
+            try:
+                result = _measure(runner, named_inputs, references[bs], base=bases[bs], min_run_time=min_run_time,
+                                  device=device)
+            except Exception as error:
+                result = dataclasses.replace(bases[bs], setup_seconds=runner.setup_seconds, failed=True,
+                                             reason=_reason(error))
+            progress(_progress_line(result))
+            results.append(result)
+    finally:
+        runner.close()
+    return results
+
+
+def _progress_line(result: BenchmarkResult) -> str:
+    head = f"{result.backend} batch {result.batch_size}:"
+    if result.failed:
+        return f"{head} failed ({result.reason})"
+    match = ("outputs match eager" if result.matched
+             else f"OUTPUTS DIFFER from eager (max error {_num(result.max_abs_error, '.3g')})")
+    return f"{head} {_ms(result.median_s)} ms median, {match}"
+
+
+def _with_speedups(results: list[BenchmarkResult]) -> list[BenchmarkResult]:
+    eager = {r.batch_size: r.median_s for r in results if r.backend == "eager" and not r.failed}
+    out = []
+    for r in results:
+        base = eager.get(r.batch_size)
+        speedup = base / r.median_s if base and r.median_s and not r.failed else None
+        out.append(dataclasses.replace(r, speedup_vs_eager=speedup))
+    return out
+
+
+def _reference_outputs(collection: Any, stage: Stage, named_inputs: Mapping[str, Any],
+                       outputs: Sequence[str]) -> dict[str, torch.Tensor]:
+    values = collection(dict(named_inputs), stage=stage)
+    return {n: values[n].detach().cpu() for n in outputs if isinstance(values.get(n), torch.Tensor)}
+
+
+def benchmark(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage | str = Stage.INFERENCE,
+              outputs: Sequence[str] | None = None, backends: str | Sequence[str] = DEFAULT_BACKENDS,
+              device: str | torch.device = "cpu", batch_sizes: Sequence[int] | None = None,
+              threads: int | None = None, min_run_time: float = 1.0,
+              progress: Progress | None = None) -> list[BenchmarkResult]:
+    """Latency of ``stage`` of ``collection`` per backend and batch size.
+
+    Backends: ``eager`` (the collection), ``fx`` (the StageModule), ``compile`` (``torch.compile`` of the
+    StageModule), ``onnxruntime`` (the verified ONNX export) and, on CUDA, ``cudagraphs``
+    (``torch.compile(mode="reduce-overhead")``).  ``batch_sizes`` repeats or slices dimension 0 of the example
+    inputs (default: their own batch size); ``threads`` sets torch's (and ORT's intra-op) threads for the run
+    (default: torch's current setting) and restores them.  With ``device="cuda"`` the collection is moved to
+    the GPU for the run and moved back afterwards.  Every backend's outputs are compared with eager's on the
+    same inputs.  A backend that fails is reported with ``failed=True`` and the reason; the others still run.
+    ``progress`` receives one line of text per step.  Unknown backends or devices raise ``BrickBackendError``
+    before any work; an invalid stage raises ``BrickGraphError``.
+    """
+    stage = parse_stage(stage)
+    dev = parse_device(device)
+    names = parse_backends(backends, dev)
+    plan = collection.plan(stage, outputs)
+    sizes = list(dict.fromkeys(batch_sizes)) if batch_sizes else [_batch_size(named_inputs)]
+    if not min_run_time > 0:
+        raise BrickBackendError(f"min_run_time must be positive, not {min_run_time!r}.")
+    report = progress or (lambda _: None)
+    with _torch_threads(threads) as n_threads, _on_device(collection, dev):
+        inputs = {bs: _to_device(resize_batch(named_inputs, bs), dev) for bs in sizes}
+        references = {bs: _reference_outputs(collection, stage, x, plan.outputs) for bs, x in inputs.items()}
+        results: list[BenchmarkResult] = []
+        for name in names:
+            results += _run_backend(name, collection, stage, plan.outputs, inputs, references, device=dev,
+                                    threads=n_threads, min_run_time=min_run_time,
+                                    input_names=plan.required_inputs, progress=report)
+    return _with_speedups(results)
+
+
+# --------------------------------------------------------------------------------------------- per brick
+def _brick_call(spec: Any, brick: Any, stage: Stage, values: Mapping[str, Any],
+                plan: Any) -> tuple[str, dict[str, Any]]:
+    """The statement and globals calling one brick on its captured inputs."""
+    # Metric bricks update state on every call: time a copy so the user's metric state stays untouched.
+    fn = brick.stage_callable(stage) if spec.in_graph else copy.deepcopy(brick).stage_callable(stage)
+    lookup = {**values, STAGE_INPUT: stage}
+    if spec.takes_all:
+        return "fn(values)", {"fn": fn, "values": {n: lookup[n] for n in plan.all_inputs[spec.name] if n in lookup}}
+    args = [lookup[n] for n in spec.args]
+    kwargs = {argument: lookup[n] for argument, n in spec.kwargs}
+    return "fn(*args, **kwargs)", {"fn": fn, "args": args, "kwargs": kwargs}
+
+
+def profile_bricks(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage | str = Stage.INFERENCE,
+                   outputs: Sequence[str] | None = None, device: str | torch.device = "cpu",
+                   threads: int | None = None, min_run_time: float = 0.2) -> list[BrickProfile]:
+    """Latency of each brick that runs in ``stage`` (in execution order), timed with ``blocked_autorange`` on
+    the brick's real inputs: the eager intermediate values are captured once, then each brick's call is timed
+    alone in the stage's mode and grad mode.  ``share`` is the brick's fraction of the summed medians."""
+    stage = parse_stage(stage)
+    dev = parse_device(device)
+    plan = collection.plan(stage, outputs)
+    bricks = collection.bricks()
+    with _torch_threads(threads) as n_threads, _on_device(collection, dev):
+        values = collection(_to_device(named_inputs, dev), stage=stage)
+        modules = stage_modules([bricks[name] for name in plan.bricks])
+        flipped = enter_modes(modules, stage.is_training)
+        try:
+            with torch.set_grad_enabled(stage.is_training):
+                timings = []
+                for spec in plan.steps:
+                    stmt, globals_ = _brick_call(spec, bricks[spec.name], stage, values, plan)
+                    timings.append((spec.name, time_statement(stmt, globals_, threads=n_threads,
+                                                              min_run_time=min_run_time, description=spec.name)))
+        finally:
+            exit_modes(flipped, stage.is_training)
+    total = sum(float(m.median) for _, m in timings) or 1.0
+    return [BrickProfile(brick=name, median_s=float(m.median), iqr_s=float(m.iqr), share=float(m.median) / total)
+            for name, m in timings]
+
+
+# --------------------------------------------------------------------------------------------- rendering
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def to_markdown(results: Sequence[BenchmarkResult]) -> str:
+    """A Markdown table, one row per backend and batch size (failed backends with their reason)."""
+    header = ("| backend | device | batch | median ms | IQR ms | items/s | vs eager | setup s | warm-up s "
+              "| peak MiB | matches eager |")
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in results:
+        if r.failed:
+            lines.append(f"| {r.backend} | {r.device} | {r.batch_size} | failed: {_cell(r.reason)} "
+                         f"| | | | | | | |")
+            continue
+        peak = None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20
+        match = "yes" if r.matched else f"NO (max error {_num(r.max_abs_error, '.3g')})"
+        lines.append(f"| {r.backend} | {r.device} | {r.batch_size} | {_ms(r.median_s)} | {_ms(r.iqr_s)} "
+                     f"| {_num(r.throughput, ',.0f')} | {_num(r.speedup_vs_eager, '.2f')}x "
+                     f"| {_seconds(r.setup_seconds)} | {_seconds(r.warmup_seconds)} | {_num(peak, '.1f')} | {match} |")
+    if results:
+        first = results[0]
+        lines.append(f"\nStage {first.stage}, {first.threads} thread(s); times per call.")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str | None) -> str:
+    return (text or "").replace("|", "\\|").replace("\n", " ")
+
+
+def profile_to_markdown(profiles: Sequence[BrickProfile]) -> str:
+    """A Markdown table of per-brick latencies, in execution order."""
+    lines = ["| brick | median ms | IQR ms | share |", "|---|---:|---:|---:|"]
+    lines += [f"| {p.brick} | {_ms(p.median_s)} | {_ms(p.iqr_s)} | {p.share:.1%} |" for p in profiles]
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts stored with JSON results."""
+    import importlib.metadata
+
+    try:
+        ort_version: str | None = importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:
+        ort_version = None
+    return {"torch": torch.__version__, "onnxruntime": ort_version, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": cpu_model(), "cpu_count": os.cpu_count(),
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def to_json(results: Sequence[BenchmarkResult], *, indent: int | None = 2) -> str:
+    """JSON text: ``{"schema": "torchbricks_fx.benchmark/1", "environment": {...}, "results": [...]}``; each
+    result has every ``BenchmarkResult`` field plus ``compile_seconds``; times in seconds, ``null`` where
+    not applicable (and ``max_abs_error`` is ``null`` instead of infinity for mismatched shapes)."""
+    rows = []
+    for r in results:
+        row = dataclasses.asdict(r)
+        row["compile_seconds"] = r.compile_seconds
+        if row["max_abs_error"] is not None and not math.isfinite(row["max_abs_error"]):
+            row["max_abs_error"] = None
+        rows.append(row)
+    return json.dumps({"schema": JSON_SCHEMA, "environment": environment(), "results": rows}, indent=indent)
+
+
+def results_from_json(text: str) -> list[BenchmarkResult]:
+    """Results back from ``to_json`` text (for re-rendering or plotting)."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("schema") != JSON_SCHEMA:
+        raise BrickBackendError(f"Not torchbricks_fx benchmark JSON (expected schema {JSON_SCHEMA!r}).")
+    names = {f.name for f in dataclasses.fields(BenchmarkResult)}
+    return [BenchmarkResult(**{k: v for k, v in row.items() if k in names}) for row in data["results"]]
+
+
+def plot(results: Sequence[BenchmarkResult], path: str | os.PathLike[str]) -> str:
+    """Writes a PNG of median latency per backend over batch sizes (needs matplotlib: ``pip install
+    torchbricks_fx[plot]``); returns the path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BrickBackendError("Plotting needs matplotlib: pip install 'torchbricks_fx[plot]'.") from None
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    try:
+        for backend in dict.fromkeys(r.backend for r in results):
+            points = sorted((r.batch_size, r.median_s * 1e3) for r in results
+                            if r.backend == backend and not r.failed and r.median_s is not None)
+            if points:
+                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xlabel("batch size")
+        axes.set_ylabel("median latency per call (ms)")
+        if results:
+            axes.set_title(f"stage {results[0].stage} on {results[0].device}, {results[0].threads} thread(s)")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(os.fspath(path), dpi=120)
+    finally:
+        plt.close(figure)
+    return os.fspath(path)
