@@ -177,7 +177,7 @@ class Brick(nn.Module):
         fn = self.stage_callable(stage)
         names = self.input_names
         if names == "all":
-            result = fn({k: v for k, v in values.items() if k != STAGE_INPUT})
+            result = fn(dict(named_inputs))
         elif isinstance(names, dict):
             result = fn(**{argument: values[name] for argument, name in names.items()})
         else:

@@ -162,7 +162,7 @@ class BrickCollection(nn.ModuleDict):
         flipped = enter_modes(program.modules, training)
         try:
             with torch.set_grad_enabled(training):
-                run_steps(program.steps, values)
+                run_steps(program.steps, values, named_inputs)
         finally:
             exit_modes(flipped, training)
         del values[STAGE_INPUT]

@@ -86,7 +86,8 @@ def build_graph_module(plan: StagePlan, bricks: dict[str, Brick]) -> tuple[torch
         target = identifier(step.name, taken)
         root[target] = bricks[step.name].graph_module()
         if step.takes_all:
-            args: tuple[Any, ...] = ({n: env[n] for n in plan.all_inputs[step.name] if n in env},)
+            read = (*plan.required_inputs, *plan.all_inputs[step.name])
+            args: tuple[Any, ...] = ({n: env[n] for n in read if n in env},)
         else:
             args = tuple(value(v) for v in step.args)
         kwargs = {argument: value(v) for argument, v in step.kwargs}
@@ -170,7 +171,7 @@ class StageModule(nn.Module):
         # Metrics are stateful and full of data-dependent shapes: under torch.compile they stay eager, behind
         # this one deliberate graph break, instead of Dynamo tracing (and breaking inside) torchmetrics.
         values = {**named_inputs, **graph_values, STAGE_INPUT: self.stage}
-        run_steps(self._metric_steps, values)
+        run_steps(self._metric_steps, values, named_inputs)
         return values
 
     def _run_graph(self, args: list[Any]) -> Any:

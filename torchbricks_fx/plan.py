@@ -80,7 +80,8 @@ class BrickSpec:
 @dataclass(frozen=True)
 class StagePlan:
     """What runs in one stage: live bricks in execution order, the external inputs they need, the outputs
-    returned and, for every brick that does not run, why."""
+    returned and, for every brick that does not run, why.  ``all_inputs`` maps each ``"all"`` brick to the
+    values it reads besides the stage's external inputs: the outputs of the live bricks declared before it."""
 
     stage: Stage
     steps: tuple[BrickSpec, ...]
@@ -316,7 +317,9 @@ def _prune(specs: Sequence[BrickSpec], stage: Stage, graph: _StageGraph, order: 
             needed.add(name)
             stack.extend(graph.deps[name])
     steps = tuple(spec for spec in order if spec.name in needed)
-    required = tuple(dict.fromkeys(v for spec in steps for v in spec.input_values if v not in graph.producer))
+    # An "all" brick reads every external input of the stage, so a plan that keeps one requires them all.
+    reading = order if any(spec.takes_all for spec in steps) else steps
+    required = tuple(dict.fromkeys(v for spec in reading for v in spec.input_values if v not in graph.producer))
     pruned: dict[str, str] = {}
     for spec in specs:
         if stage not in spec.alive:
@@ -324,11 +327,10 @@ def _prune(specs: Sequence[BrickSpec], stage: Stage, graph: _StageGraph, order: 
         elif spec.name not in needed:
             pruned[spec.name] = f"not needed for the requested outputs {list(outputs)}"
     all_inputs: dict[str, tuple[str, ...]] = {}
-    available = list(required)
     for spec in steps:
         if spec.takes_all:
-            all_inputs[spec.name] = tuple(available)
-        available += spec.outputs
+            deps = set(graph.deps[spec.name])
+            all_inputs[spec.name] = tuple(v for dep in steps if dep.name in deps for v in dep.outputs)
     return StagePlan(stage=stage, steps=steps, required_inputs=required, outputs=outputs,
                      pruned=FrozenMap(pruned), all_inputs=FrozenMap(all_inputs))
 

@@ -5,13 +5,13 @@ Kept tiny and allocation-light: this is the per-call hot path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from torchbricks_fx.bricks import STAGE_INPUT, Brick, name_outputs
+from torchbricks_fx.bricks import Brick, name_outputs
 from torchbricks_fx.errors import BrickError, BrickGraphError
 from torchbricks_fx.plan import BrickSpec, StagePlan, _closest
 
@@ -27,6 +27,7 @@ class BoundStep:
     args: tuple[str, ...]
     kwargs: tuple[tuple[str, str], ...]
     takes_all: bool
+    all_values: tuple[str, ...]
     outputs: tuple[str, ...]
     returns_dict: bool
 
@@ -36,18 +37,20 @@ def bind_steps(plan: StagePlan, steps: Sequence[BrickSpec], bricks: dict[str, Br
     for spec in steps:
         brick = bricks[spec.name]
         bound.append(BoundStep(name=spec.name, fn=brick.stage_callable(plan.stage), args=spec.args,
-                               kwargs=spec.kwargs, takes_all=spec.takes_all, outputs=spec.outputs,
+                               kwargs=spec.kwargs, takes_all=spec.takes_all,
+                               all_values=plan.all_inputs.get(spec.name, ()), outputs=spec.outputs,
                                returns_dict=not spec.in_graph and bool(spec.outputs)))
     return tuple(bound)
 
 
-def run_steps(steps: Sequence[BoundStep], values: dict[str, Any]) -> None:
-    """Runs ``steps`` in order, reading and writing ``values`` by name."""
+def run_steps(steps: Sequence[BoundStep], values: dict[str, Any], named_inputs: Mapping[str, Any]) -> None:
+    """Runs ``steps`` in order, reading and writing ``values`` by name.  ``"all"`` bricks receive the
+    external ``named_inputs`` and the outputs of the bricks declared before them."""
     step = None
     try:
         for step in steps:
             if step.takes_all:
-                result = step.fn({k: v for k, v in values.items() if k != STAGE_INPUT})
+                result = step.fn({**named_inputs, **{name: values[name] for name in step.all_values}})
             elif step.kwargs:
                 result = step.fn(*[values[n] for n in step.args], **{a: values[n] for a, n in step.kwargs})
             else:
