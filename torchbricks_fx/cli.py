@@ -201,6 +201,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise CliError(f"{str(output)!r} exists; pass --overwrite to replace it.")
     collection, named_inputs = load_build(args.file)
+    collection.plan(stage, outputs)  # graph problems are reported before any export work
     print(f"exporting stage {stage.value} of {args.file} to {output} ...", file=sys.stderr)
     report = export_onnx(collection, output, named_inputs, stage=stage, outputs=outputs,
                          dynamic_batch=not args.no_dynamic_batch, opset=args.opset, verify=not args.no_verify,

@@ -1,0 +1,372 @@
+"""benchmark / profile_bricks / rendering: structure and behaviour, never speed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from torchbricks_fx import (
+    BenchmarkResult,
+    BrickBackendError,
+    BrickCollection,
+    BrickGraphError,
+    BrickLoss,
+    BrickMetricSingle,
+    BrickNotTrainable,
+    BrickProfile,
+    BrickTrainable,
+    Stage,
+    benchmark,
+    profile_bricks,
+)
+from torchbricks_fx import backends as backends_module
+from torchbricks_fx.benchmarking import (
+    JSON_SCHEMA,
+    plot,
+    profile_to_markdown,
+    resize_batch,
+    results_from_json,
+    to_json,
+    to_markdown,
+)
+
+FAST = 0.01
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class Scale(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class Counting(nn.Module):
+    """Counts its calls: proves that argument errors are raised before any work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.linear(x)
+
+
+def tiny_collection() -> BrickCollection:
+    torch.manual_seed(0)
+    return BrickCollection({
+        "pre": BrickNotTrainable(Scale(), input_names=["x"], output_names=["scaled"]),
+        "body": BrickTrainable(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), input_names=["scaled"],
+                               output_names=["features"]),
+        "head": BrickTrainable(nn.Linear(4, 2), input_names=["features"], output_names=["logits"]),
+        "loss": BrickLoss(nn.CrossEntropyLoss(), input_names=["logits", "targets"], output_names=["loss"]),
+    })
+
+
+@pytest.fixture
+def collection() -> BrickCollection:
+    return tiny_collection()
+
+
+@pytest.fixture
+def inputs() -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(3, 4)}
+
+
+# ------------------------------------------------------------------------------------------- results
+def test_eager_and_fx_results_have_the_documented_structure(collection, inputs):
+    results = benchmark(collection, inputs, backends=("eager", "fx"), batch_sizes=[1, 5], min_run_time=FAST)
+    assert [(r.backend, r.batch_size) for r in results] == [("eager", 1), ("eager", 5), ("fx", 1), ("fx", 5)]
+    for r in results:
+        assert isinstance(r, BenchmarkResult)
+        assert not r.failed and r.reason is None
+        assert r.device == "cpu" and r.stage == "inference" and r.threads == torch.get_num_threads()
+        assert r.median_s > 0 and r.iqr_s >= 0 and r.runs >= 1
+        assert r.throughput == pytest.approx(r.batch_size / r.median_s)
+        assert r.matched is True and r.max_abs_error == 0.0
+        assert r.peak_memory_bytes is None  # CPU
+        assert r.warmup_seconds is not None and r.warmup_seconds >= 0
+    eager = {r.batch_size: r for r in results if r.backend == "eager"}
+    for r in results:
+        assert r.speedup_vs_eager == pytest.approx(eager[r.batch_size].median_s / r.median_s)
+    assert eager[1].setup_seconds is None and eager[1].compile_seconds == eager[1].warmup_seconds
+    fx = results[2]
+    assert fx.setup_seconds is not None and fx.compile_seconds == pytest.approx(fx.setup_seconds + fx.warmup_seconds)
+
+
+def test_results_are_frozen(collection, inputs):
+    result = benchmark(collection, inputs, backends=["eager"], min_run_time=FAST)[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.median_s = 0.0  # type: ignore[misc]
+
+
+def test_default_batch_size_is_the_examples_and_stage_is_inference(collection, inputs):
+    (result,) = benchmark(collection, inputs, backends="eager", min_run_time=FAST)
+    assert result.batch_size == 3 and result.stage == Stage.INFERENCE.value
+
+
+def test_threads_are_set_for_the_run_and_restored(collection, inputs):
+    before = torch.get_num_threads()
+    seen = []
+    results = benchmark(collection, inputs, backends=["eager"], threads=1, min_run_time=FAST,
+                        progress=lambda line: seen.append(torch.get_num_threads()))
+    assert results[0].threads == 1 and set(seen) == {1}
+    assert torch.get_num_threads() == before
+
+
+def test_modes_and_grad_mode_are_left_as_found(collection, inputs):
+    collection.train()
+    benchmark(collection, inputs, backends=["eager", "fx"], min_run_time=FAST)
+    assert all(m.training for m in collection.modules())
+    assert torch.is_grad_enabled()
+
+
+def test_outputs_select_what_is_compared_and_returned(collection, inputs):
+    results = benchmark(collection, inputs, outputs=["features"], backends=["eager", "fx"], min_run_time=FAST)
+    assert all(r.matched for r in results)
+
+
+def test_train_stage_runs_with_its_inputs(collection):
+    results = benchmark(collection, {"x": torch.randn(3, 4), "targets": torch.tensor([0, 1, 1])},
+                        stage="train", outputs=["logits"], backends=["eager", "fx"], min_run_time=FAST)
+    assert [r.stage for r in results] == ["train", "train"] and not any(r.failed for r in results)
+
+
+def test_progress_reports_each_backend_and_batch_size(collection, inputs):
+    lines: list[str] = []
+    benchmark(collection, inputs, backends=["eager", "fx"], batch_sizes=[1, 2], min_run_time=FAST,
+              progress=lines.append)
+    assert any(line.startswith("fx batch 2:") for line in lines)
+    assert sum("batch" in line for line in lines) == 4
+
+
+# ------------------------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"backends": ["eager", "tensorrt"]}, r"'tensorrt'.*valid backends: eager, fx, compile, onnxruntime, cudagraphs"),
+    ({"backends": []}, "valid backends"),
+    ({"device": "tpu"}, "valid devices"),
+    ({"backends": ["cudagraphs"]}, "need device='cuda'"),
+    ({"batch_sizes": [0]}, "positive integers"),
+    ({"threads": 0}, "threads"),
+    ({"min_run_time": 0}, "min_run_time"),
+])
+def test_bad_arguments_raise_before_any_work(kwargs, match):
+    counting = Counting()
+    collection = BrickCollection({"a": BrickTrainable(counting, input_names=["x"], output_names=["y"])})
+    with pytest.raises(BrickBackendError, match=match):
+        benchmark(collection, {"x": torch.randn(2, 4)}, **{"min_run_time": FAST, **kwargs})
+    assert counting.calls == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_backend_error(collection, inputs):
+    with pytest.raises(BrickBackendError, match="CUDA is not available"):
+        benchmark(collection, inputs, device="cuda", backends=["eager"])
+
+
+def test_invalid_stage_and_outputs_are_graph_errors(collection, inputs):
+    with pytest.raises(BrickGraphError, match="valid stages"):
+        benchmark(collection, inputs, stage="deploy", backends=["eager"])
+    with pytest.raises(BrickGraphError, match="nope"):
+        benchmark(collection, inputs, outputs=["nope"], backends=["eager"])
+
+
+# ------------------------------------------------------------------------------------------- failures
+def test_a_backend_failing_at_setup_is_reported_and_the_others_run(collection, inputs, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fx today")
+
+    monkeypatch.setattr(backends_module, "_fx_runner", broken)
+    results = benchmark(collection, inputs, backends=["fx", "eager"], batch_sizes=[1, 2], min_run_time=FAST)
+    failed = [r for r in results if r.backend == "fx"]
+    assert len(failed) == 2 and all(r.failed and r.median_s is None for r in failed)
+    assert failed[0].reason == "RuntimeError: no fx today"
+    assert all(not r.failed and r.median_s for r in results if r.backend == "eager")
+
+
+def test_a_backend_failing_while_running_is_reported_per_batch_size(collection, inputs, monkeypatch):
+    original = backends_module._eager_runner
+
+    def flaky(*args, **kwargs):
+        runner = original(*args, **kwargs)
+        bind = runner.bind
+
+        def bind_or_fail(named_inputs):
+            if next(iter(named_inputs.values())).shape[0] == 2:
+                raise ValueError("batch 2 is cursed")
+            return bind(named_inputs)
+
+        runner.bind = bind_or_fail
+        return runner
+
+    monkeypatch.setattr(backends_module, "_eager_runner", flaky)
+    results = benchmark(collection, inputs, backends=["eager", "fx"], batch_sizes=[1, 2], min_run_time=FAST)
+    by_key = {(r.backend, r.batch_size): r for r in results}
+    assert by_key["eager", 2].failed and "cursed" in by_key["eager", 2].reason
+    assert not by_key["eager", 1].failed and not by_key["fx", 2].failed
+    assert by_key["fx", 2].speedup_vs_eager is None and by_key["fx", 1].speedup_vs_eager is not None
+
+
+def test_outputs_that_differ_from_eager_are_flagged(collection, inputs, monkeypatch):
+    original = backends_module._fx_runner
+
+    def wrong(*args, **kwargs):
+        runner = original(*args, **kwargs)
+        bind = runner.bind
+
+        def bind_wrong(named_inputs):
+            bound = bind(named_inputs)
+            return dataclasses.replace(bound, fetch=lambda: {k: v + 1 for k, v in bound.fetch().items()})
+
+        runner.bind = bind_wrong
+        return runner
+
+    monkeypatch.setattr(backends_module, "_fx_runner", wrong)
+    fx = benchmark(collection, inputs, backends=["fx"], min_run_time=FAST)[0]
+    assert not fx.failed and fx.matched is False and fx.max_abs_error == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------- compiled backends
+@pytest.fixture
+def fresh_dynamo():
+    # Other tests in the process may have used up Dynamo's per-code-object cache.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_backend_compiles_outside_the_timed_region(collection, inputs, fresh_dynamo):
+    (result,) = benchmark(collection, inputs, backends=["compile"], min_run_time=FAST)
+    assert not result.failed, result.reason
+    assert result.matched and result.warmup_seconds > 0 and result.setup_seconds is not None
+
+
+def test_compile_backend_reports_dynamos_recompile_limit_instead_of_timing_eager(collection, inputs, fresh_dynamo):
+    import torch._dynamo.config
+
+    with torch._dynamo.config.patch(recompile_limit=1):
+        first = benchmark(tiny_collection(), inputs, backends=["compile"], min_run_time=FAST)[0]
+        second = benchmark(collection, inputs, backends=["compile"], min_run_time=FAST)[0]
+    assert not first.failed
+    assert second.failed and "recompile_limit" in second.reason
+
+
+def test_onnxruntime_backend_times_the_verified_export(collection, inputs):
+    results = benchmark(collection, inputs, backends=["onnxruntime"], batch_sizes=[1, 4], threads=1, min_run_time=FAST)
+    for r in results:
+        assert not r.failed, r.reason
+        assert r.matched and r.max_abs_error < 1e-4 and r.setup_seconds > 0
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def test_resize_batch_repeats_or_slices_dimension_zero():
+    x = torch.arange(6.0).reshape(3, 2)
+    scalar = torch.tensor(1.0)
+    resized = resize_batch({"x": x, "scalar": scalar, "flag": True}, 5)
+    assert torch.equal(resized["x"], x[[0, 1, 2, 0, 1]])
+    assert resized["scalar"] is scalar and resized["flag"] is True
+    assert torch.equal(resize_batch({"x": x}, 2)["x"], x[:2])
+    with pytest.raises(BrickBackendError):
+        resize_batch({"x": x}, 0)
+
+
+# ------------------------------------------------------------------------------------------- per brick
+def test_profile_bricks_times_each_live_brick_in_order(collection, inputs):
+    profiles = profile_bricks(collection, inputs, min_run_time=FAST)
+    assert [p.brick for p in profiles] == ["pre", "body", "head"]
+    assert all(isinstance(p, BrickProfile) and p.median_s > 0 for p in profiles)
+    assert sum(p.share for p in profiles) == pytest.approx(1.0)
+    table = profile_to_markdown(profiles)
+    assert "| body |" in table and table.count("\n") == 5
+
+
+def test_profile_bricks_leaves_metric_state_untouched():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    collection = BrickCollection({
+        "head": BrickTrainable(nn.Linear(4, 3), input_names=["x"], output_names=["logits"]),
+        "argmax": BrickNotTrainable(lambda t: t.argmax(dim=1), input_names=["logits"], output_names=["pred"]),
+        "accuracy": BrickMetricSingle(MulticlassAccuracy(num_classes=3), input_names=["pred", "labels"]),
+    })
+    named_inputs = {"x": torch.randn(4, 4), "labels": torch.tensor([0, 1, 2, 0])}
+    collection(named_inputs, stage=Stage.TEST)
+    before = collection.summarize(Stage.TEST)
+    profiles = profile_bricks(collection, named_inputs, stage=Stage.TEST, min_run_time=FAST)
+    assert [p.brick for p in profiles] == ["head", "argmax", "accuracy"]
+    assert collection.summarize(Stage.TEST) == before
+
+
+# ------------------------------------------------------------------------------------------- rendering
+def _results() -> list[BenchmarkResult]:
+    ok = BenchmarkResult(backend="eager", device="cpu", stage="inference", batch_size=2, threads=1, median_s=1e-3,
+                         iqr_s=1e-4, runs=10, throughput=2000.0, speedup_vs_eager=1.0, warmup_seconds=0.01,
+                         matched=True, max_abs_error=0.0)
+    failed = BenchmarkResult(backend="onnxruntime", device="cpu", stage="inference", batch_size=2, threads=1,
+                             failed=True, reason="BrickExportError: cannot | export")
+    differs = dataclasses.replace(ok, backend="fx", matched=False, max_abs_error=float("inf"), setup_seconds=0.5)
+    return [ok, failed, differs]
+
+
+def test_json_has_a_stable_documented_shape():
+    data = json.loads(to_json(_results()))
+    assert set(data) == {"schema", "environment", "results"} and data["schema"] == JSON_SCHEMA
+    environment_keys = {"torch", "onnxruntime", "python", "platform", "processor", "cpu_count", "cuda_device"}
+    assert environment_keys <= set(data["environment"])
+    expected_keys = {f.name for f in dataclasses.fields(BenchmarkResult)} | {"compile_seconds"}
+    assert all(set(row) == expected_keys for row in data["results"])
+    ok, failed, differs = data["results"]
+    assert ok["median_s"] == 1e-3 and ok["compile_seconds"] == 0.01 and ok["setup_seconds"] is None
+    assert failed["failed"] is True and failed["median_s"] is None and failed["reason"].startswith("BrickExportError")
+    assert differs["max_abs_error"] is None  # infinity is not JSON
+    assert differs["compile_seconds"] == pytest.approx(0.51)
+
+
+def test_json_round_trips():
+    results = _results()
+    back = results_from_json(to_json(results))
+    assert back[:2] == results[:2]
+    with pytest.raises(BrickBackendError, match="schema"):
+        results_from_json('{"results": []}')
+
+
+def test_markdown_has_one_row_per_result_and_shows_failures():
+    table = to_markdown(_results())
+    lines = table.splitlines()
+    assert lines[0].startswith("| backend | device | batch | median ms |")
+    assert len([line for line in lines if line.startswith("| ")]) == 4  # header + 3 rows
+    assert "failed: BrickExportError: cannot \\| export" in table
+    assert "NO (max error inf)" in table and "| 1.000 |" in table
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = plot(_results(), tmp_path / "latency.png")
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+@needs_cuda
+def test_cuda_backends_run_and_leave_the_collection_where_it_was(collection, inputs, fresh_dynamo):
+    results = benchmark(collection, inputs, device="cuda", backends=["eager", "fx", "compile", "cudagraphs"],
+                        batch_sizes=[2, 4], min_run_time=FAST)
+    for r in results:
+        assert not r.failed, r.reason
+        assert r.device.startswith("cuda") and r.matched and r.peak_memory_bytes > 0
+    assert all(p.device.type == "cpu" for p in collection.parameters())
+
+
+@needs_cuda
+def test_cuda_onnxruntime_uses_io_binding_or_reports_why_not(collection, inputs):
+    import onnxruntime
+
+    (result,) = benchmark(collection, inputs, device="cuda", backends=["onnxruntime"], min_run_time=FAST)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert not result.failed, result.reason
+        assert result.matched and result.peak_memory_bytes is None
+    else:
+        assert result.failed and "CUDAExecutionProvider" in result.reason
