@@ -120,7 +120,8 @@ def resnet18(batch_size: int = 2, image_size: int = 64, num_classes: int = 10) -
     bricks = {
         "preprocessor": BrickNotTrainable(Preprocessor(), input_names=["raw"], output_names=["normalized"]),
         "backbone": resnet_brick,
-        "head": BrickTrainable(ImageClassifier(num_classes=num_classes, n_features=resnet_brick.model.n_backbone_features),
+        "head": BrickTrainable(ImageClassifier(num_classes=num_classes,
+                                               n_features=resnet_brick.model.n_backbone_features),
                                input_names=["features"], output_names=["logits", "probabilities", "class_prediction"]),
         "accuracy": BrickMetricSingle(MulticlassAccuracy(num_classes=num_classes),
                                       input_names=["class_prediction", "targets"]),
@@ -185,7 +186,8 @@ def multitask(batch_size: int = 2, image_size: int = 64) -> Workload:
     collection = BrickCollection(bricks)
     hand = HandWrittenMultiTask(collection["preprocessor"].model, collection["backbone"].model,
                                 collection["heads"]["classifier"].model, collection["heads"]["segmenter"].model)
-    return Workload("multitask", f"shared backbone + classification and segmentation heads, 3x{image_size}x{image_size}",
+    description = f"shared backbone + classification and segmentation heads, 3x{image_size}x{image_size}"
+    return Workload("multitask", description,
                     collection, hand.eval(), {"raw": torch.rand(batch_size, 3, image_size, image_size)},
                     ("logits", "probabilities", "seg"))
 

@@ -31,7 +31,7 @@ class Mix(nn.Module):
         self.n_outputs = n_outputs
 
     def mix(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...] | torch.Tensor:
-        total = sum(x * w for x, w in zip(xs, self.weights))
+        total = sum(x * w for x, w in zip(xs, self.weights, strict=True))
         outputs = tuple(torch.tanh(total + i) for i in range(self.n_outputs))
         return outputs if self.n_outputs > 1 else outputs[0]
 

@@ -157,7 +157,8 @@ def test_malformed_or_reserved_names(inputs, outputs, message):
 
 
 def test_unknown_requested_output_points_to_plan(multitask):
-    with pytest.raises(BrickGraphError, match=r"(?s)Requested output 'logit' .*Closest.*'logits'.*Hint: collection.plan"):
+    message = r"(?s)Requested output 'logit' .*Closest.*'logits'.*Hint: collection.plan"
+    with pytest.raises(BrickGraphError, match=message):
         multitask.plan(Stage.INFERENCE, outputs=["logit"])
 
 

@@ -8,7 +8,7 @@ here only the shapes of the arguments are checked.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torchbricks_fx.stage import LOSS_STAGES, Stage, parse_alive_stages
 __all__ = [
     "STAGE_INPUT",
     "Brick",
-    "BrickCollection",
+    "BrickCollection",  # noqa: F822 (resolved lazily by __getattr__)
     "BrickLoss",
     "BrickMetricSingle",
     "BrickMetrics",
@@ -36,7 +36,7 @@ __all__ = [
 STAGE_INPUT = "stage"
 """Reserved input name: a brick asking for it receives the current :class:`Stage`."""
 
-InputNames = Union[list[str], tuple[str, ...], dict[str, str], Literal["all"]]
+InputNames = list[str] | tuple[str, ...] | dict[str, str] | Literal["all"]
 
 _structure_version = 0
 
@@ -126,7 +126,7 @@ class Brick(nn.Module):
         super().__init__()
         self.input_names = input_names
         self.output_names = output_names
-        self.alive_stages = parse_alive_stages(alive_stages, default=default_stages)  # type: ignore[assignment]
+        self.alive_stages = parse_alive_stages(alive_stages, default=default_stages)
 
     # Connections are properties so that changing one invalidates cached plans.
     @property
@@ -184,7 +184,8 @@ class Brick(nn.Module):
             result = fn(*[values[name] for name in names])
         if isinstance(result, dict) and self.has_side_effects:
             return result
-        return dict(zip(self.output_names, name_outputs(type(self).__name__, result, tuple(self.output_names))))
+        return dict(zip(self.output_names, name_outputs(type(self).__name__, result, tuple(self.output_names)),
+                        strict=True))
 
     def extract_losses(self, named_outputs: Mapping[str, Any]) -> dict[str, Any]:
         return {}
@@ -299,14 +300,14 @@ class BrickMetrics(Brick):
         if not isinstance(metric_collection, MetricCollection):
             raise BrickGraphError([f"BrickMetrics needs a torchmetrics MetricCollection or a dict of metrics, "
                                    f"not {type(metric_collection).__name__}; use BrickMetricSingle for one metric."])
-        output_names = list(metric_collection.keys()) if return_metrics else []
+        output_names = [str(name) for name in metric_collection] if return_metrics else []
         super().__init__(input_names, output_names, alive_stages, default_stages=LOSS_STAGES)
         self.return_metrics = return_metrics
         self.metrics = nn.ModuleDict({stage.name: metric_collection.clone() for stage in Stage
                                       if stage in self.alive_stages})
 
     def stage_callable(self, stage: Stage) -> Callable[..., Any]:
-        metric_collection = self.metrics[stage.name]
+        metric_collection: Any = self.metrics[stage.name]
         return metric_collection if self.return_metrics else metric_collection.update
 
     def graph_module(self) -> nn.Module:
@@ -315,7 +316,7 @@ class BrickMetrics(Brick):
     def summarize(self, stage: Stage, reset: bool = False) -> dict[str, Any]:
         if stage.name not in self.metrics:
             return {}
-        metric_collection = self.metrics[stage.name]
+        metric_collection: Any = self.metrics[stage.name]
         values = dict(metric_collection.compute())
         if reset:
             metric_collection.reset()

@@ -26,7 +26,15 @@ from torchbricks_fx.plan import (
     spec_problems,
     stage_problems,
 )
-from torchbricks_fx.runtime import BoundStep, bind_steps, check_inputs, enter_modes, exit_modes, run_steps, stage_modules
+from torchbricks_fx.runtime import (
+    BoundStep,
+    bind_steps,
+    check_inputs,
+    enter_modes,
+    exit_modes,
+    run_steps,
+    stage_modules,
+)
 from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = ["BrickCollection"]
@@ -95,17 +103,18 @@ class BrickCollection(nn.ModuleDict):
         super().clear()
         bump_structure_version()
 
-    def update(self, modules: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:  # type: ignore[override]
+    def update(self, modules: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
         items = modules.items() if isinstance(modules, Mapping) else modules
         for key, value in items:
             self[key] = value
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
+        state = super().__getstate__()
         return {**state, "_programs": {}}  # bound programs hold module references; rebuild them lazily
 
     # ------------------------------------------------------------------ bricks and plans
-    def named_bricks(self, prefix: str = "", scope: tuple[str, ...] = ()) -> Iterator[tuple[str, tuple[str, ...], Brick]]:
+    def named_bricks(self, prefix: str = "",
+                     scope: tuple[str, ...] = ()) -> Iterator[tuple[str, tuple[str, ...], Brick]]:
         """Yields ``(dotted name, scope, brick)`` for every brick, nested ones included, in declaration order."""
         for key, member in self.items():
             name = f"{prefix}{key}"

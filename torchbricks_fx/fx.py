@@ -159,7 +159,7 @@ class StageModule(nn.Module):
         try:
             with torch.set_grad_enabled(training):
                 results = self._run_graph(args)
-                values = dict(zip(self.graph_output_names, results))
+                values = dict(zip(self.graph_output_names, results, strict=True))
                 if self._metric_steps:
                     values = self._update_metrics(named_inputs, values)
         finally:

@@ -61,7 +61,7 @@ def run_steps(steps: Sequence[BoundStep], values: dict[str, Any], named_inputs: 
             elif step.returns_dict:
                 values.update((name, result[name]) for name in outputs)
             elif outputs:
-                values.update(zip(outputs, name_outputs(step.name, result, outputs)))
+                values.update(zip(outputs, name_outputs(step.name, result, outputs), strict=True))
     except Exception as error:
         if step is not None and not isinstance(error, BrickError) and hasattr(error, "add_note"):
             error.add_note(f"(raised in brick {step.name!r})")

@@ -61,4 +61,5 @@ def parse_alive_stages(alive_stages: str | Stage | Iterable[Stage | str] | None,
     try:
         return frozenset(parse_stage(s) for s in alive_stages)
     except TypeError:
-        raise BrickGraphError([f'alive_stages must be "all", "none" or a list of stages, not {alive_stages!r}.']) from None
+        raise BrickGraphError([f'alive_stages must be "all", "none" or a list of stages, '
+                               f"not {alive_stages!r}."]) from None
