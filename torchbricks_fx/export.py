@@ -35,11 +35,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from torchbricks_fx.bricks import STAGE_INPUT, Brick
+from torchbricks_fx.bricks import STAGE_INPUT, Brick, name_outputs
+from torchbricks_fx.collection import BrickCollection
 from torchbricks_fx.errors import BrickExportError, BrickGraphError
-from torchbricks_fx.fx import build_graph_module, compile_stage
-from torchbricks_fx.plan import BrickSpec, StagePlan, make_plan
-from torchbricks_fx.runtime import bind_steps, check_inputs, enter_modes, exit_modes, run_steps, stage_modules
+from torchbricks_fx.fx import compile_stage
+from torchbricks_fx.plan import BrickSpec, StagePlan
 from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = ["ExportReport", "OutputError", "export_onnx", "export_program", "tolerance"]
@@ -156,42 +156,60 @@ class _Target:
         return self.plan.stage is Stage.TRAIN
 
 
-def _target(collection: Any, stage: Stage, outputs: Sequence[str] | None) -> _Target:
+def _target(collection: BrickCollection, stage: Stage, outputs: Sequence[str] | None) -> _Target:
     stage_module = compile_stage(collection, stage, outputs=outputs)  # validates; errors name bricks and names
+    if any(not step.in_graph for step in stage_module.plan.steps):
+        # Metric bricks run outside the graph and only read it: an artifact has no use for them, nor for the
+        # graph outputs and bricks that only feed them.  Their inputs (targets) are not needed either.
+        collection, kept = _without_metrics(collection, stage_module.plan, outputs)
+        stage_module = compile_stage(collection, stage, outputs=kept)
     plan, graph_module = stage_module.plan, stage_module.graph_module
-    bricks = collection.bricks()
-    if any(not step.in_graph for step in plan.steps):
-        # Metric bricks run outside the graph and only read it; an artifact has no use for them, nor for
-        # the graph outputs (and bricks) that only feed them.
-        plan = _plan_without_metrics(collection, plan, outputs)
-        graph_module, _ = build_graph_module(plan, bricks)
     if not plan.outputs:
         raise BrickExportError(f"Stage {stage.value} produces no output to export (bricks: {list(plan.bricks)}).")
-    live = [bricks[step.name] for step in plan.steps]
-    # The GraphModule itself is listed first: the exporter warns when the top module is in training mode.
-    return _Target(plan, graph_module, bricks, (graph_module, *stage_modules(live)))
+    if tuple(stage_module.graph_output_names) != tuple(plan.outputs):
+        raise BrickExportError(f"The stage graph returns {list(stage_module.graph_output_names)}, expected "
+                               f"{list(plan.outputs)}.")
+    bricks = collection.bricks()
+    modules = {id(m): m for step in plan.steps for m in bricks[step.name].modules()}
+    # The GraphModule is listed too: the exporter warns when the top module is in training mode.
+    return _Target(plan, graph_module, bricks, (graph_module, *modules.values()))
 
 
-def _plan_without_metrics(collection: Any, plan: StagePlan, outputs: Sequence[str] | None) -> StagePlan:
+def _without_metrics(collection: BrickCollection, plan: StagePlan,
+                     outputs: Sequence[str] | None) -> tuple[BrickCollection, tuple[str, ...]]:
     metric_values = {v for step in plan.steps if not step.in_graph for v in step.outputs}
     asked = [v for v in (outputs or ()) if v in metric_values]
     if asked:
         raise BrickExportError(f"Outputs {asked} are returned by metric bricks, which run outside the graph and "
                                f"cannot be exported; request model outputs instead.")
-    specs, problems = collection.specs()
-    kept = tuple(v for v in plan.outputs if v not in metric_values)
-    return make_plan([s for s in specs if s.in_graph], problems, plan.stage, kept)
+    return _graph_bricks(collection), tuple(v for v in plan.outputs if v not in metric_values)
+
+
+def _graph_bricks(collection: BrickCollection) -> BrickCollection:
+    """The collection without its metric bricks: the same brick objects (shared) under the same keys and
+    nesting, so relative names resolve as before."""
+    members: dict[str, Any] = {}
+    for key, member in collection.items():
+        if isinstance(member, BrickCollection):
+            members[key] = _graph_bricks(member)
+        elif isinstance(member, Brick) and member.runs_in_graph:
+            members[key] = member
+    return BrickCollection(members)
 
 
 @contextlib.contextmanager
 def _stage_modes(target: _Target) -> Iterator[None]:
-    """The stage's modes and grad mode while inside; the caller's modes afterwards (only flipped ones)."""
-    flipped = enter_modes(target.modules, target.training)
+    """The stage's modes, without gradients, while inside; afterwards the caller's modes (only the modules
+    that were flipped are flipped back)."""
+    flipped = [m for m in target.modules if m.training is not target.training]
+    for module in flipped:
+        module.training = target.training
     try:
         with torch.no_grad():
             yield
     finally:
-        exit_modes(flipped, target.training)
+        for module in flipped:
+            module.training = not target.training
 
 
 @contextlib.contextmanager
@@ -214,7 +232,11 @@ def _example_args(target: _Target, named_inputs: Mapping[str, Any]) -> tuple[tor
     if not isinstance(named_inputs, Mapping):
         raise BrickExportError(f"named_inputs must be a dict {{input name: tensor}}, "
                                f"not {type(named_inputs).__name__}.")
-    check_inputs(target.plan, dict(named_inputs))
+    missing = [n for n in target.input_names if n not in named_inputs]
+    if missing:
+        raise BrickGraphError([f"Input {n!r} needed to export stage {target.plan.stage.value} is missing from "
+                               f"named_inputs (given: {sorted(named_inputs)})." for n in missing],
+                              hint=f"the exported part of this stage needs the inputs {list(target.input_names)}.")
     bad = {n: type(named_inputs[n]).__name__ for n in target.input_names
            if not isinstance(named_inputs[n], torch.Tensor)}
     if bad:
@@ -261,6 +283,12 @@ def _export_dims(axes: Sequence[Mapping[int, Any]], or_none: bool = False) -> tu
     return None if or_none and all(shape is None for shape in shapes) else shapes
 
 
+def _shapes_for(module: nn.Module, axes: Sequence[Mapping[int, Any]]) -> Any:
+    shapes = _export_dims(axes, or_none=True)
+    # A lone brick's wrapper takes *tensors, which torch.export sees as one tuple argument.
+    return (shapes,) if shapes is not None and isinstance(module, _BrickAlone) else shapes
+
+
 def _second_args(args: Sequence[torch.Tensor], axes: Sequence[Mapping[int, Any]]) -> tuple[torch.Tensor, ...]:
     """Random inputs like the examples, one larger along every dynamic axis 0: values or sizes frozen at
     trace time then show up as a mismatch."""
@@ -291,15 +319,32 @@ def _random_like(example: torch.Tensor, shape: list[int], generator: torch.Gener
 
 # ============================================================================================ eager
 def _eager_values(target: _Target, args: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """Every value of the stage on ``args``, computed by the same runtime as ``BrickCollection.forward``
-    (metric bricks left out, so verifying does not update metric state)."""
+    """Every value of the exported part of the stage on ``args``: the bricks' own code run eagerly in plan
+    order, as ``BrickCollection.forward`` does (metric bricks left out: verifying updates no metric)."""
+    plan = target.plan
     values: dict[str, Any] = dict(zip(target.input_names, args, strict=True))
-    values[STAGE_INPUT] = target.plan.stage
-    steps = bind_steps(target.plan, target.plan.steps, target.bricks)
+    values[STAGE_INPUT] = plan.stage
     device = args[0].device if args else torch.device("cpu")
-    with _stage_modes(target), _exact_cuda_float32(device):
-        run_steps(steps, values)
+    with _stage_modes(target), torch.set_grad_enabled(target.training), _exact_cuda_float32(device):
+        for step in plan.steps:
+            fn = target.bricks[step.name].stage_callable(plan.stage)
+            try:
+                if step.takes_all:
+                    result = fn({n: values[n] for n in _all_reads(plan, step) if n in values})
+                else:
+                    result = fn(*[values[n] for n in step.args], **{a: values[n] for a, n in step.kwargs})
+            except Exception as error:
+                add_note = getattr(error, "add_note", None)  # Python >= 3.11
+                if add_note is not None:
+                    add_note(f"(raised in brick {step.name!r} while computing the eager reference)")
+                raise
+            values.update(zip(step.outputs, name_outputs(step.name, result, step.outputs), strict=True))
     return values
+
+
+def _all_reads(plan: StagePlan, step: BrickSpec) -> tuple[str, ...]:
+    """The values an ``"all"`` brick receives in the graph: the stage's inputs and earlier outputs."""
+    return tuple(dict.fromkeys((*plan.required_inputs, *plan.all_inputs.get(step.name, ()))))
 
 
 def _eager_outputs(target: _Target, values: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -463,8 +508,8 @@ class _BrickAlone(nn.Module):
 
 
 def _brick_alone(target: _Target, step: BrickSpec, values: Mapping[str, Any]) -> tuple[_BrickAlone, tuple[Any, ...]]:
-    names = target.plan.all_inputs.get(step.name, ()) if step.takes_all else step.input_values
-    names = tuple(dict.fromkeys(names))
+    names = _all_reads(target.plan, step) if step.takes_all else tuple(dict.fromkeys(step.input_values))
+    names = tuple(n for n in names if n in values)
     tensors = [n for n in names if isinstance(values[n], torch.Tensor)]
     constants = {n: values[n] for n in names if n not in tensors}
     constants[STAGE_INPUT] = target.plan.stage
@@ -522,7 +567,7 @@ def _onnx_export(module: nn.Module, args: tuple[Any, ...], destination: Path | N
                                "output_names": list(output_names) if output_names is not None else None, **extra}
     if dynamo:
         options.setdefault("verbose", False)
-        program = torch.onnx.export(module, args, None, dynamo=True, dynamic_shapes=_export_dims(axes, or_none=True),
+        program = torch.onnx.export(module, args, None, dynamo=True, dynamic_shapes=_shapes_for(module, axes),
                                     **options)
         if destination is not None and program is not None:
             # f=None and an explicit save: f=path would also write path.data next to it (see DESIGN pitfalls).
@@ -583,7 +628,7 @@ def _verify_onnx(path: Path, target: _Target, runs: Sequence[tuple[tuple[torch.T
     return _output_errors(compared, target.output_names, device), tuple(session.get_providers())
 
 
-def export_onnx(collection: Any, path: str | os.PathLike[str], named_inputs: Mapping[str, torch.Tensor], *,
+def export_onnx(collection: BrickCollection, path: str | os.PathLike[str], named_inputs: Mapping[str, torch.Tensor], *,
                 stage: Stage | str = Stage.EXPORT, outputs: Sequence[str] | None = None, dynamic_batch: bool = True,
                 dynamic_shapes: Mapping[str, Mapping[int, Any]] | None = None, opset: int | None = None,
                 verify: bool = True, overwrite: bool = False, dynamo: bool = True,
@@ -686,10 +731,11 @@ class _NamedStage(nn.Module):
 
 
 def _program(module: nn.Module, args: tuple[Any, ...], axes: Sequence[Mapping[int, Any]], strict: bool) -> Any:
-    return torch.export.export(module, args, dynamic_shapes=_export_dims(axes, or_none=True), strict=strict)
+    return torch.export.export(module, args, dynamic_shapes=_shapes_for(module, axes), strict=strict)
 
 
-def export_program(collection: Any, path: str | os.PathLike[str], named_inputs: Mapping[str, torch.Tensor], *,
+def export_program(collection: BrickCollection, path: str | os.PathLike[str],
+                   named_inputs: Mapping[str, torch.Tensor], *,
                    stage: Stage | str = Stage.EXPORT, outputs: Sequence[str] | None = None,
                    dynamic_batch: bool = True, dynamic_shapes: Mapping[str, Mapping[int, Any]] | None = None,
                    verify: bool = True, overwrite: bool = False, strict: bool = False) -> ExportReport:

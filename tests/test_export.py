@@ -1,0 +1,306 @@
+"""Deployment export: ONNX files and torch.export programs that match eager, carry the users' names, have a
+free batch size, and are written atomically (or not at all)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from conftest import cuda, multitask_bricks
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from torchbricks_fx import (
+    BrickCollection,
+    BrickExportError,
+    BrickGraphError,
+    BrickLoss,
+    BrickMetricSingle,
+    BrickNotTrainable,
+    BrickTrainable,
+    Stage,
+    export_onnx,
+    export_program,
+)
+from torchbricks_fx.bag_of_bricks import ImageClassifier, Preprocessor, resnet_to_brick
+from torchbricks_fx.brick_utils import export_bricks_as_onnx
+from torchbricks_fx.export import ExportReport, _compare, tolerance
+
+
+def seed_resnet18_collection(num_classes: int = 10) -> BrickCollection:
+    """The seed README's ResNet-18 classifier collection (metric and loss included)."""
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    backbone = resnet_to_brick(resnet=resnet, input_name="normalized", output_name="features")
+    return BrickCollection({
+        "preprocessor": BrickNotTrainable(Preprocessor(), input_names=["raw"], output_names=["normalized"]),
+        "backbone": backbone,
+        "head": BrickTrainable(ImageClassifier(num_classes=num_classes, n_features=backbone.model.n_backbone_features),
+                               input_names=["features"], output_names=["logits", "probabilities", "class_prediction"]),
+        "accuracy": BrickMetricSingle(MulticlassAccuracy(num_classes=num_classes),
+                                      input_names=["class_prediction", "targets"]),
+        "loss": BrickLoss(model=nn.CrossEntropyLoss(), input_names=["logits", "targets"], output_names=["loss_ce"]),
+    })
+
+
+def run_onnx(path: Path, named_inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: named_inputs[i.name].numpy() for i in session.get_inputs()}
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Every entry of ``folder``, hidden staging folders included."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+class NumpyDouble(nn.Module):
+    """Leaves the graph: the value goes through numpy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(x.numpy() * 2.0)
+
+
+class DataDependentBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # Python control flow on a tensor value: torch.export cannot trace it
+            return x * 2
+        return x - 1
+
+
+class Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def tiny(middle: nn.Module) -> BrickCollection:
+    torch.manual_seed(0)
+    return BrickCollection({
+        "scale": BrickNotTrainable(lambda x: x * 0.5, input_names=["in put"], output_names=["scaled"]),
+        "middle": BrickTrainable(middle, input_names=["scaled"], output_names=["middle out"]),
+        "linear": BrickTrainable(Linear(), input_names=["middle out"], output_names=["y"]),
+    })
+
+
+# ------------------------------------------------------------------------------------------------ ONNX
+def test_seed_resnet18_exports_with_dynamic_batch_and_verifies(tmp_path):
+    collection = seed_resnet18_collection()
+    collection.train()  # the caller's modes: restored after the export
+    x = torch.rand(2, 3, 64, 64)
+    report = export_onnx(collection, tmp_path / "resnet18.onnx", {"raw": x})
+
+    assert report.verified and report.verified_batch_sizes == (2, 3)
+    assert report.dynamic_batch and report.dynamo
+    assert report.input_names == ("raw",)
+    expected = ("normalized", "features", "logits", "probabilities", "class_prediction")
+    assert report.output_names == expected
+    assert [e.name for e in report.errors] == list(expected) and all(e.ok for e in report.errors)
+    assert report.max_abs_error < 1e-3
+    assert report.providers == ("CPUExecutionProvider",)
+    assert report.file_size_bytes == (tmp_path / "resnet18.onnx").stat().st_size > 40e6
+    assert report.opset and report.opset >= 17
+    assert "resnet18.onnx" in report.to_markdown() and "class_prediction" in str(report)
+    assert all(module.training for module in collection.modules())
+    assert leftovers(tmp_path) == ["resnet18.onnx"]
+
+    model = onnx.load(str(tmp_path / "resnet18.onnx"))
+    assert [i.name for i in model.graph.input] == ["raw"]
+    assert [o.name for o in model.graph.output] == list(expected)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+
+    x5 = torch.rand(5, 3, 64, 64)
+    got = run_onnx(tmp_path / "resnet18.onnx", {"raw": x5})
+    want = collection({"raw": x5}, stage=Stage.EXPORT)
+    assert got["logits"].shape == (5, 10)
+    np.testing.assert_allclose(got["logits"], want["logits"].numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(got["class_prediction"], want["class_prediction"].numpy())
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_requested_output_exports_only_its_path(tmp_path, dynamo):
+    torch.manual_seed(0)
+    collection = BrickCollection(multitask_bricks())
+    x = torch.rand(2, 3, 16, 16)
+    report = export_onnx(collection, tmp_path / "seg.onnx", {"raw": x}, outputs=["seg"], dynamo=dynamo)
+
+    assert report.output_names == ("seg",) and report.verified_batch_sizes == (2, 3)
+    model = onnx.load(str(tmp_path / "seg.onnx"))
+    assert [o.name for o in model.graph.output] == ["seg"]
+    classifier = collection["heads"]["classifier"].model.fc.weight.detach().numpy()
+    for initializer in model.graph.initializer:
+        array = onnx.numpy_helper.to_array(initializer).reshape(-1)
+        assert "classifier" not in initializer.name
+        if array.size == classifier.size:
+            assert not np.allclose(array, classifier.reshape(-1)) and not np.allclose(array, classifier.T.reshape(-1))
+    got = run_onnx(tmp_path / "seg.onnx", {"raw": torch.rand(4, 3, 16, 16)})
+    assert got["seg"].shape == (4, 2, 16, 16)
+
+
+def test_metric_and_loss_bricks_stay_out_of_the_file(tmp_path):
+    torch.manual_seed(0)
+    collection = BrickCollection(multitask_bricks())
+    x = torch.rand(2, 3, 16, 16)
+    report = export_onnx(collection, tmp_path / "val.onnx", {"raw": x}, stage=Stage.VALIDATION, outputs=["logits"])
+    assert report.input_names == ("raw",)  # the metric's "labels" is not needed
+    assert report.output_names == ("logits",)
+    metric = collection["accuracy"].metrics["VALIDATION"]["MulticlassAccuracy"]
+    assert metric.update_count == 0  # verifying updated no metric
+
+
+def test_existing_file_is_kept_unless_overwrite(tmp_path):
+    collection = tiny(nn.Identity())
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"precious")
+    with pytest.raises(BrickExportError, match=r"already exists.*overwrite=True"):
+        export_onnx(collection, path, {"in put": torch.rand(2, 4)})
+    assert path.read_bytes() == b"precious" and leftovers(tmp_path) == ["model.onnx"]
+
+    report = export_onnx(collection, path, {"in put": torch.rand(2, 4)}, overwrite=True)
+    assert report.verified and path.read_bytes() != b"precious"
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["in put"]  # the user's name, space included
+    assert leftovers(tmp_path) == ["model.onnx"]
+
+
+def test_failed_export_names_the_brick_and_leaves_nothing(tmp_path):
+    collection = tiny(DataDependentBranch())
+    folder = tmp_path / "new" / "folder"
+    with pytest.raises(BrickExportError, match=r"brick 'middle' \(DataDependentBranch\)") as info:
+        export_onnx(collection, folder / "model.onnx", {"in put": torch.rand(2, 4)})
+    message = str(info.value)
+    assert "'linear'" not in message and "'scale'" not in message  # the bricks that export are not blamed
+    assert info.value.__cause__ is not None
+    assert leftovers(tmp_path) == []  # not even the folders it created
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_failed_verification_names_outputs_and_leaves_nothing(tmp_path):
+    # The legacy tracer freezes the numpy result into a constant: right on the example, wrong elsewhere.
+    collection = tiny(NumpyDouble())
+    with pytest.raises(BrickExportError, match=r"(?s)outputs \['middle out', 'y'\].*brick 'middle'"):
+        export_onnx(collection, tmp_path / "model.onnx", {"in put": torch.rand(2, 4)}, dynamo=False)
+    assert leftovers(tmp_path) == []
+
+
+def test_numpy_brick_with_dynamo_is_verified_correct_or_named(tmp_path):
+    collection = tiny(NumpyDouble())
+    try:
+        report = export_onnx(collection, tmp_path / "model.onnx", {"in put": torch.rand(2, 4)})
+    except BrickExportError as error:
+        assert "'middle'" in str(error)
+        assert leftovers(tmp_path) == []
+        return
+    assert report.verified and report.verified_batch_sizes == (2, 3)
+    x = torch.rand(7, 4)
+    got = run_onnx(tmp_path / "model.onnx", {"in put": x})
+    np.testing.assert_allclose(got["y"], collection({"in put": x}, stage=Stage.EXPORT)["y"].numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_static_batch_still_verifies_on_other_values(tmp_path):
+    collection = tiny(NumpyDouble())
+    with pytest.raises(BrickExportError, match="does not reproduce eager"):
+        export_onnx(collection, tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}, dynamo=False, dynamic_batch=False)
+    report = export_onnx(collection, tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}, dynamic_batch=False)
+    assert report.verified_batch_sizes == (2, 2) and not report.dynamic_batch
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+
+
+def test_external_data_files_move_together(tmp_path):
+    report = export_onnx(tiny(nn.Identity()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}, external_data=True)
+    assert leftovers(tmp_path) == ["m.onnx", "m.onnx.data"]
+    assert report.file_size_bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert run_onnx(tmp_path / "m.onnx", {"in put": torch.rand(3, 4)})["y"].shape == (3, 5)
+
+
+def test_bad_requests_are_clear_errors(tmp_path):
+    collection = tiny(nn.Identity())
+    with pytest.raises(BrickGraphError, match="'logits'"):
+        export_onnx(collection, tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}, outputs=["logits"])
+    with pytest.raises(BrickGraphError, match="'in put'"):
+        export_onnx(collection, tmp_path / "m.onnx", {"input": torch.rand(2, 4)})
+    with pytest.raises(BrickExportError, match="must be tensors"):
+        export_onnx(collection, tmp_path / "m.onnx", {"in put": [1.0, 2.0]})
+    with pytest.raises(BrickExportError, match="opset_version"):
+        export_onnx(collection, tmp_path / "m.onnx", {"in put": torch.rand(2, 4)},
+                    onnx_export_kwargs={"opset_version": 17})
+    with pytest.raises(BrickGraphError, match="dynamic_shapes"):
+        export_onnx(collection, tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}, dynamic_shapes={"x": {0: "b"}})
+    assert leftovers(tmp_path) == []
+
+
+def test_comparison_is_dtype_aware():
+    rtol, atol = tolerance(torch.float32)
+    assert (rtol, atol) == (1e-4, 1e-4) and tolerance(torch.int64) == (0.0, 0.0)
+    want = torch.tensor([100.0, 0.0, -3.0])
+    assert _compare(want + 1e-3, want, rtol, atol).ok  # 1e-3 on values up to 100
+    assert not _compare(want + 1e-1, want, rtol, atol).ok
+    assert not _compare(torch.tensor([1, 2]), torch.tensor([1, 3]), 0.0, 0.0).ok
+    assert _compare(torch.tensor([math.nan, 1.0]), torch.tensor([math.nan, 1.0]), rtol, atol).ok
+    assert not _compare(torch.tensor([math.nan, 1.0]), torch.tensor([0.0, 1.0]), rtol, atol).ok
+    assert not _compare(torch.zeros(3), torch.zeros(2), rtol, atol).ok
+    assert not _compare(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int64), 0, 0).ok
+
+
+# ------------------------------------------------------------------------------------------------ torch.export
+def test_export_program_keeps_names_and_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    collection = BrickCollection(multitask_bricks())
+    x = torch.rand(2, 3, 16, 16)
+    report = export_program(collection, tmp_path / "model.pt2", {"raw": x}, outputs=["logits", "seg"])
+    assert isinstance(report, ExportReport) and report.format == "pt2"
+    assert report.verified_batch_sizes == (2, 3) and all(e.ok for e in report.errors)
+    assert leftovers(tmp_path) == ["model.pt2"]
+
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    x5 = torch.rand(5, 3, 16, 16)
+    got = program({"raw": x5})
+    want = collection({"raw": x5}, stage=Stage.EXPORT)
+    assert set(got) == {"logits", "seg"}
+    torch.testing.assert_close(got["seg"], want["seg"])
+    with pytest.raises(BrickExportError, match="already exists"):
+        export_program(collection, tmp_path / "model.pt2", {"raw": x})
+
+
+def test_export_program_failure_names_the_brick(tmp_path):
+    with pytest.raises(BrickExportError, match="brick 'middle'"):
+        export_program(tiny(DataDependentBranch()), tmp_path / "m.pt2", {"in put": torch.rand(2, 4)})
+    assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------ seed helper
+def test_seed_export_bricks_as_onnx(tmp_path):
+    torch.manual_seed(0)
+    collection = BrickCollection(multitask_bricks())
+    path = tmp_path / "seed.onnx"
+    path.write_bytes(b"old")  # the seed overwrote silently
+    named_inputs = {"raw": torch.rand(2, 3, 16, 16)}
+    report = export_bricks_as_onnx(path, collection, named_inputs, dynamic_batch_size=True, opset_version=18)
+    assert report.opset == 18 and report.verified
+    outputs = collection(named_inputs, stage=Stage.EXPORT, return_inputs=False)
+    assert [o.name for o in onnx.load(str(path)).graph.output] == list(outputs)
+    with pytest.raises(ValueError, match="dynamic_axes"):
+        export_bricks_as_onnx(path, collection, named_inputs, dynamic_batch_size=True, dynamic_axes={"raw": [0]})
+    report = export_bricks_as_onnx(path, collection, named_inputs, dynamic_batch_size=False,
+                                   dynamic_axes={"raw": {0: "n"}, "seg": {0: "n"}}, dynamo=False)
+    assert report.verified_batch_sizes == (2, 3) and not report.dynamo
+
+
+@cuda
+def test_cuda_inputs_verify_with_the_cuda_provider_when_available(tmp_path):
+    collection = tiny(nn.Identity()).cuda()
+    report = export_onnx(collection, tmp_path / "m.onnx", {"in put": torch.rand(2, 4, device="cuda")})
+    cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert report.providers[0] == ("CUDAExecutionProvider" if cuda_ep else "CPUExecutionProvider")
+    assert report.verified
