@@ -23,8 +23,8 @@ from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.workloads import Workload, build_workloads, chain  # noqa: E402
-from torchbricks_fx import Stage, compile_stage  # noqa: E402
+from benchmarks.workloads import Workload, build_workloads, chain
+from torchbricks_fx import Stage, compile_stage
 
 COMMAND = "python benchmarks/bench_overhead.py --markdown benchmarks/results/overhead.md"
 

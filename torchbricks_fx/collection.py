@@ -23,6 +23,7 @@ from torchbricks_fx.plan import (
     StagePlan,
     make_plan,
     merge_stage_problems,
+    resolve_name,
     spec_problems,
     stage_problems,
 )
@@ -184,18 +185,24 @@ class BrickCollection(nn.ModuleDict):
         return True
 
     def extract_losses(self, named_outputs: Mapping[str, Any]) -> dict[str, Any]:
-        """The loss values among ``named_outputs`` (outputs named in the bricks' ``loss_output_names``)."""
+        """The loss values among ``named_outputs`` (outputs named in the bricks' ``loss_output_names``,
+        relative names resolved as in the plan: ``"./loss"`` in group ``a`` is ``"a/loss"``)."""
         losses: dict[str, Any] = {}
-        for _, _, brick in self.named_bricks():
-            losses.update(brick.extract_losses(named_outputs))
+        for name, scope, brick in self.named_bricks():
+            for loss_name in getattr(brick, "loss_output_names", ()):
+                value_name = resolve_name(loss_name, scope, name)[0] or loss_name
+                if value_name in named_outputs:
+                    losses[value_name] = named_outputs[value_name]
         return losses
 
     def summarize(self, stage: Stage | str, reset: bool = False) -> dict[str, Any]:
-        """The metrics accumulated in ``stage`` since the last reset; ``reset=True`` starts over."""
+        """The metrics accumulated in ``stage`` since the last reset; ``reset=True`` starts over.  Metrics of
+        a nested collection are keyed by its path (``"a/accuracy"``), so reused groups stay apart."""
         stage = parse_stage(stage)
         metrics: dict[str, Any] = {}
-        for _, _, brick in self.named_bricks():
-            metrics.update(brick.summarize(stage, reset=reset))
+        for _, scope, brick in self.named_bricks():
+            prefix = "".join(f"{part}/" for part in scope)
+            metrics.update({f"{prefix}{key}": value for key, value in brick.summarize(stage, reset=reset).items()})
         return metrics
 
     def to_mermaid(self, stage: Stage | str | None = None, outputs: Sequence[str] | None = None) -> str:
