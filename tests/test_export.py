@@ -304,3 +304,16 @@ def test_cuda_inputs_verify_with_the_cuda_provider_when_available(tmp_path):
     cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
     assert report.providers[0] == ("CUDAExecutionProvider" if cuda_ep else "CPUExecutionProvider")
     assert report.verified
+
+
+def test_batch_of_one_still_gives_a_dynamic_batch(tmp_path):
+    # torch.export specializes a size-1 axis; the example is doubled for tracing and verified as given.
+    torch.manual_seed(0)
+    collection = BrickCollection(multitask_bricks())
+    one = {"raw": torch.rand(1, 3, 16, 16)}
+    report = export_program(collection, tmp_path / "m.pt2", one, outputs=["seg"])
+    assert report.verified_batch_sizes == (1, 2)
+    assert torch.export.load(tmp_path / "m.pt2").module()({"raw": torch.rand(4, 3, 16, 16)})["seg"].shape[0] == 4
+    report = export_onnx(collection, tmp_path / "m.onnx", one, outputs=["seg"])
+    assert report.verified_batch_sizes == (1, 2)
+    assert run_onnx(tmp_path / "m.onnx", {"raw": torch.rand(4, 3, 16, 16)})["seg"].shape[0] == 4

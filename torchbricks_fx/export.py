@@ -289,6 +289,15 @@ def _shapes_for(module: nn.Module, axes: Sequence[Mapping[int, Any]]) -> Any:
     return (shapes,) if shapes is not None and isinstance(module, _BrickAlone) else shapes
 
 
+def _trace_args(args: tuple[torch.Tensor, ...], axes: Sequence[Mapping[int, Any]]) -> tuple[torch.Tensor, ...]:
+    """The inputs to trace with: a dynamic axis 0 of size 1 is doubled (the example repeated), because
+    torch.export specializes sizes 0 and 1 and would then refuse a dynamic batch."""
+    if not any(0 in axis_map and arg.dim() and arg.shape[0] == 1 for arg, axis_map in zip(args, axes, strict=True)):
+        return args
+    return tuple(torch.cat([arg, arg]) if 0 in axis_map and arg.dim() and arg.shape[0] == 1 else arg
+                 for arg, axis_map in zip(args, axes, strict=True))
+
+
 def _second_args(args: Sequence[torch.Tensor], axes: Sequence[Mapping[int, Any]]) -> tuple[torch.Tensor, ...]:
     """Random inputs like the examples, one larger along every dynamic axis 0: values or sizes frozen at
     trace time then show up as a mismatch."""
@@ -529,6 +538,18 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {line}"
 
 
+def _localized_failure(target: _Target, trace_args: tuple[torch.Tensor, ...], axes: Sequence[Mapping[int, Any]],
+                       values: Mapping[str, Any], error: Exception, what: str,
+                       try_export: Callable[[nn.Module, tuple[Any, ...], list[dict[int, Any]]], None]
+                       ) -> BrickExportError:
+    """:func:`_localized_error` on the values of the traced inputs (those differ when a batch of one was
+    doubled for tracing)."""
+    batch = _batch_size(trace_args) if any(0 in axis_map for axis_map in axes) else None
+    traced_example = all(a is values[n] for n, a in zip(target.input_names, trace_args, strict=True))
+    trace_values = values if traced_example else _eager_values(target, trace_args)
+    return _localized_error(target, trace_values, error, what, try_export, batch)
+
+
 def _localized_error(target: _Target, values: Mapping[str, Any], error: Exception, what: str,
                      try_export: Callable[[nn.Module, tuple[Any, ...], list[dict[int, Any]]], None],
                      batch: int | None) -> BrickExportError:
@@ -658,6 +679,7 @@ def export_onnx(collection: BrickCollection, path: str | os.PathLike[str], named
     args = _example_args(target, named_inputs)
     axes = _dynamic_axes(target, args, dynamic_batch, dynamic_shapes)
     values = _eager_values(target, args)  # before exporting: eager errors are the user's, and localizing needs them
+    trace_args = _trace_args(args, axes) if dynamo else args
 
     def try_export(module: nn.Module, brick_args: tuple[Any, ...], brick_axes: list[dict[int, Any]]) -> None:
         _onnx_export(module, brick_args, None, input_names=None, output_names=None, axes=brick_axes, opset=opset,
@@ -667,12 +689,11 @@ def export_onnx(collection: BrickCollection, path: str | os.PathLike[str], named
         start = time.perf_counter()
         try:
             with _stage_modes(target):
-                _onnx_export(target.graph_module, args, staged, input_names=target.input_names,
+                _onnx_export(target.graph_module, trace_args, staged, input_names=target.input_names,
                              output_names=target.output_names, axes=axes, opset=opset, dynamo=dynamo,
                              external_data=external_data, extra=extra)
         except Exception as error:
-            batch = args[0].shape[0] if args and args[0].dim() and dynamic_batch else None
-            raise _localized_error(target, values, error, "to ONNX", try_export, batch) from error
+            raise _localized_failure(target, trace_args, axes, values, error, "to ONNX", try_export) from error
         export_seconds = time.perf_counter() - start
         _check_onnx_names(staged, target)
         errors: tuple[OutputError, ...] = ()
@@ -752,8 +773,9 @@ def export_program(collection: BrickCollection, path: str | os.PathLike[str],
     args = _example_args(target, named_inputs)
     axes = _dynamic_axes(target, args, dynamic_batch, dynamic_shapes)
     values = _eager_values(target, args)
+    trace_args = _trace_args(args, axes)
     module = _NamedStage(target.graph_module, target.input_names, target.output_names)
-    named = dict(zip(target.input_names, args, strict=True))
+    named = dict(zip(target.input_names, trace_args, strict=True))
     dims = _export_dims(axes) or ()
     dynamic = any(d is not None for d in dims)
     named_dims = (dict(zip(target.input_names, dims, strict=True)),) if dynamic else None
@@ -768,8 +790,8 @@ def export_program(collection: BrickCollection, path: str | os.PathLike[str],
                 module.training = target.training
                 program = torch.export.export(module, (named,), dynamic_shapes=named_dims, strict=strict)
         except Exception as error:
-            batch = args[0].shape[0] if args and args[0].dim() and dynamic_batch else None
-            raise _localized_error(target, values, error, "with torch.export", try_export, batch) from error
+            raise _localized_failure(target, trace_args, axes, values, error, "with torch.export",
+                                     try_export) from error
         torch.export.save(program, staged)
         export_seconds = time.perf_counter() - start
         errors: tuple[OutputError, ...] = ()
