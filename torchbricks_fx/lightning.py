@@ -154,10 +154,11 @@ class BrickLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ metrics at epoch end
     def _log_metrics(self, stage: Stage) -> None:
-        # torchmetrics' compute() already gathers the states of every process, so the values are global.
+        # torchmetrics' compute() already gathers the states of every process, so every process holds the
+        # same global values; sync_dist only averages identical numbers (and silences Lightning's warning).
         for name, value in summarize_by_scope(self.collection, stage, reset=True).items():
             for key, scalar in _scalars(f"{stage.value}/{name}", value):
-                self.log(key, scalar, sync_dist=False, rank_zero_only=False)
+                self.log(key, scalar, sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics(Stage.TRAIN)
