@@ -100,10 +100,12 @@ def build_graph_module(plan: StagePlan, bricks: dict[str, Brick]) -> tuple[torch
         if len(step.outputs) == 1:
             env[step.outputs[0]] = node
         for index, output in enumerate(step.outputs if len(step.outputs) > 1 else ()):
-            env[output] = graph.call_function(operator.getitem, (node, index))
+            env[output] = graph.create_node("call_function", operator.getitem, (node, index),
+                                            name=identifier(output, taken))
             env[output].meta[META_VALUE] = output
     outputs = _graph_outputs(plan, set(env) - set(plan.required_inputs))
     graph.output(tuple(env[name] for name in outputs))
+    _drop_unused_getitems(graph)
     graph.lint()
     graph_module = torch.fx.GraphModule(root, graph, class_name=f"{plan.stage.name.title()}Graph")
     graph_module.training = plan.stage is Stage.TRAIN
@@ -111,6 +113,13 @@ def build_graph_module(plan: StagePlan, bricks: dict[str, Brick]) -> tuple[torch
         # Found in the instance dict, generated code skips nn.Module.__getattr__ (~1 us per brick per call).
         graph_module.__dict__[target] = module
     return graph_module, outputs
+
+
+def _drop_unused_getitems(graph: torch.fx.Graph) -> None:
+    """Removes unpacking of outputs nobody reads (pure nodes; brick nodes are never removed here)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is operator.getitem and not node.users:
+            graph.erase_node(node)
 
 
 class _ArityCheck(torch.fx.Interpreter):

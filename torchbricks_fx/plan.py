@@ -222,7 +222,7 @@ def _stage_graph(specs: Sequence[BrickSpec], stage: Stage, problems: list[str]) 
                 needed.append(producers[value][0].name)
             elif value in dead_producers:
                 problems.append(f"Brick {spec.name!r} needs {value!r} in {STAGE_TOKEN}, but its producer "
-                                f"{', '.join(map(repr, dead_producers[value]))} is dead in that stage."
+                                f"{', '.join(map(repr, dead_producers[value]))} is not alive there."
                                 + _closest(value, producers))
         deps[spec.name] = tuple(dict.fromkeys(needed))
         earlier.append(spec.name)
