@@ -32,12 +32,11 @@ def main() -> None:
     optimizer = torch.optim.AdamW(collection.parameters(), lr=1e-3)
     for step, batch in enumerate(loader(size=48, batch_size=8)):
         outputs = train(batch)
-        loss = outputs["classify/loss_ce"] + outputs["segment/loss_segmentation"]
+        losses = collection.extract_losses(outputs)  # {"classify/loss_ce": ..., "segment/loss_segmentation": ...}
         optimizer.zero_grad()
-        loss.backward()
+        sum(losses.values()).backward()
         optimizer.step()
-        print(f"step {step}: classify/loss_ce {outputs['classify/loss_ce']:.3f}, "
-              f"segment/loss_segmentation {outputs['segment/loss_segmentation']:.3f}")
+        print(f"step {step}: " + ", ".join(f"{name} {float(value):.3f}" for name, value in losses.items()))
     metrics = collection.summarize(Stage.TRAIN, reset=True)  # the compiled stage updated the metrics
     print("train metrics:", {name: round(float(value), 3) for name, value in metrics.items()})
 

@@ -15,8 +15,8 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
-from torchbricks_fx import BrickCollection, BrickError, BrickLoss, BrickMetricSingle, BrickTrainable, Stage  # noqa: E402
-from torchbricks_fx.lightning import BrickLightningModule, loss_value_names, summarize_by_scope  # noqa: E402
+from torchbricks_fx import BrickCollection, BrickError, BrickLoss, BrickMetricSingle, BrickTrainable  # noqa: E402
+from torchbricks_fx.lightning import BrickLightningModule  # noqa: E402
 
 N_FEATURES, N_CLASSES = 4, 3
 
@@ -154,14 +154,6 @@ def test_bad_batches_are_errors() -> None:
         module.named_inputs((torch.zeros(1), torch.zeros(1)))
     with pytest.raises(Exception, match="dicts of named inputs"):
         module.named_inputs(3)
-
-
-def test_loss_names_and_metrics_are_resolved_per_scope() -> None:
-    collection = make_collection()
-    assert loss_value_names(collection) == ("a/loss_ce", "b/loss_ce")
-    x, y = blobs(8)[:]
-    collection({"raw": x, "targets": y}, Stage.VALIDATION)
-    assert set(summarize_by_scope(collection, Stage.VALIDATION)) == {"a/accuracy", "b/accuracy"}
 
 
 def test_compile_true_trains() -> None:

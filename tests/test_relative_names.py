@@ -169,9 +169,7 @@ def test_a_failed_plan_leaves_the_collection_usable() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Core gaps found while building the ready-made groups (torchbricks_fx/collection.py, bricks.py).  These two
-# tests document the expected behavior and fail until the core resolves relative names in these helpers too;
-# torchbricks_fx.lightning works around both (loss_value_names, summarize_by_scope).
+# Losses and metrics of reused groups: keyed by where the group sits, so two copies stay apart.
 
 
 def test_extract_losses_finds_relative_loss_names() -> None:

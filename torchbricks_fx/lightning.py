@@ -24,38 +24,14 @@ from torch import nn
 from torchbricks_fx.collection import BrickCollection
 from torchbricks_fx.errors import BrickError
 from torchbricks_fx.fx import StageModule, compile_stage
-from torchbricks_fx.plan import resolve_name
 from torchbricks_fx.stage import Stage
 
-__all__ = ["BrickLightningModule", "OptimizerFactory", "loss_value_names", "summarize_by_scope"]
+__all__ = ["BrickLightningModule", "OptimizerFactory"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Any]
 """Takes the trainable parameters; returns whatever ``LightningModule.configure_optimizers`` may return
 (an optimizer, or a dict with ``"optimizer"`` and ``"lr_scheduler"``), e.g.
 ``functools.partial(torch.optim.SGD, lr=0.1)``."""
-
-
-def loss_value_names(collection: BrickCollection) -> tuple[str, ...]:
-    """The value names of every loss output, with relative names (``"./loss"``) resolved to where the brick
-    sits (``"head/loss"``)."""
-    names: list[str] = []
-    for brick_name, scope, brick in collection.named_bricks():
-        for loss_name in getattr(brick, "loss_output_names", ()):
-            resolved, _ = resolve_name(loss_name, scope, brick_name)
-            names.append(resolved or loss_name)
-    return tuple(dict.fromkeys(names))
-
-
-def summarize_by_scope(collection: BrickCollection, stage: Stage, reset: bool = False) -> dict[str, Any]:
-    """``collection.summarize`` with the metrics of nested bricks prefixed by their collection path
-    (``"cls/accuracy"``), as their values are; root-level metrics keep their plain names.  Two groups with
-    the same metric names nested under different keys then do not overwrite each other."""
-    metrics: dict[str, Any] = {}
-    for _, scope, brick in collection.named_bricks():
-        prefix = "/".join(scope)
-        for name, value in brick.summarize(stage, reset=reset).items():
-            metrics[f"{prefix}/{name}" if prefix else name] = value
-    return metrics
 
 
 def _scalars(name: str, value: Any) -> Iterable[tuple[str, Any]]:
@@ -87,19 +63,14 @@ class BrickLightningModule(pl.LightningModule):
         self.batch_names = tuple(batch_names)
         # Kept out of the module tree (a plain dict): stage modules share the collection's modules, and
         # registering them would duplicate every weight in the state dict.
-        self._stage_modules: dict[Stage, tuple[Callable[[dict[str, Any]], dict[str, Any]], tuple[str, ...]]] = {}
+        self._stage_modules: dict[Stage, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ stages
     def stage_module(self, stage: Stage) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """The compiled module of ``stage`` (built on first use)."""
-        return self._stage(stage)[0]
-
-    def _stage(self, stage: Stage) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], tuple[str, ...]]:
         if stage not in self._stage_modules:
             module: StageModule = compile_stage(self.collection, stage)
-            run = torch.compile(module) if self.use_compile else module
-            losses = tuple(n for n in loss_value_names(self.collection) if n in module.output_names)
-            self._stage_modules[stage] = (run, losses)
+            self._stage_modules[stage] = torch.compile(module) if self.use_compile else module
         return self._stage_modules[stage]
 
     def named_inputs(self, batch: Any) -> dict[str, Any]:
@@ -122,11 +93,8 @@ class BrickLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------ steps
     def _step(self, batch: Any, stage: Stage) -> torch.Tensor:
         named_inputs = self.named_inputs(batch)
-        run, loss_names = self._stage(stage)
-        outputs = run(named_inputs)
-        losses = dict(self.collection.extract_losses(outputs))
-        # Relative loss names are resolved here too (see loss_value_names).
-        losses.update((name, outputs[name]) for name in loss_names if name not in losses)
+        outputs = self.stage_module(stage)(named_inputs)
+        losses = self.collection.extract_losses(outputs)
         if not losses:
             raise BrickError(f"No loss in stage {stage.value}: mark a brick's outputs as losses (BrickLoss, or "
                              f"loss_output_names=...) alive in that stage.")
@@ -156,7 +124,7 @@ class BrickLightningModule(pl.LightningModule):
     def _log_metrics(self, stage: Stage) -> None:
         # torchmetrics' compute() already gathers the states of every process, so every process holds the
         # same global values; sync_dist only averages identical numbers (and silences Lightning's warning).
-        for name, value in summarize_by_scope(self.collection, stage, reset=True).items():
+        for name, value in self.collection.summarize(stage, reset=True).items():
             for key, scalar in _scalars(f"{stage.value}/{name}", value):
                 self.log(key, scalar, sync_dist=True)
 
