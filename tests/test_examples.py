@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -77,3 +78,20 @@ def test_train_lightning_ddp_two_processes(tmp_path: Path) -> None:
                          "--steps-per-epoch", "2", "--log-dir", str(tmp_path), cwd=tmp_path)
     assert "world size 2, strategy DDPStrategy" in stdout
     assert "validation/classify/accuracy:" in stdout and "test/loss:" in stdout
+
+
+def test_tour_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/sections/tour.md (the README tour): every python block runs, in order, in one namespace."""
+    pytest.importorskip("lightning")
+    text = (EXAMPLES.parent / "docs" / "sections" / "tour.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) >= 7
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "__tour__"}
+    for index, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"tour.md block {index}", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(f"tour.md python block {index} failed:\n{block}") from error
+    assert (tmp_path / "multitask.onnx").is_file()
+    assert (tmp_path / "benchmark.json").is_file()
