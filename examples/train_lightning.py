@@ -40,15 +40,16 @@ def main() -> None:
                                   compile=args.compile)
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="torchbricks_fx_lightning_")
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-                         max_epochs=args.epochs, limit_train_batches=args.steps_per_epoch, limit_val_batches=2,
-                         limit_test_batches=2, logger=CSVLogger(log_dir, name="multitask"), log_every_n_steps=1,
+                         max_epochs=args.epochs, limit_train_batches=args.steps_per_epoch,
+                         logger=CSVLogger(log_dir, name="multitask"), log_every_n_steps=1,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
     batches = 8 * args.steps_per_epoch * args.devices
     # Batches are dicts of named inputs ({"raw", "targets", "masks"}); Lightning adds a DistributedSampler
     # under DDP, so each process sees its own share.
-    trainer.fit(module, train_dataloaders=loader(size=batches, batch_size=8, shuffle=True),
-                val_dataloaders=loader(size=32, batch_size=8, seed=1))
+    if args.epochs > 0:  # --epochs 0 only tests the initial weights
+        trainer.fit(module, train_dataloaders=loader(size=batches, batch_size=8, shuffle=True),
+                    val_dataloaders=loader(size=32, batch_size=8, seed=1))
     fitted = dict(trainer.logged_metrics)
     results = trainer.test(module, dataloaders=loader(size=32, batch_size=8, seed=2), verbose=False)
     if trainer.is_global_zero:

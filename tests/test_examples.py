@@ -80,6 +80,26 @@ def test_train_lightning_ddp_two_processes(tmp_path: Path) -> None:
     assert "validation/classify/accuracy:" in stdout and "test/loss:" in stdout
 
 
+def _test_metrics(stdout: str) -> dict[str, float]:
+    return {line.split(":")[0]: float(line.split(":")[1]) for line in stdout.splitlines()
+            if line.startswith("test/") and ":" in line}
+
+
+@pytest.mark.slow
+def test_ddp_metrics_are_synchronized_across_processes(tmp_path: Path) -> None:
+    """Testing the same initial weights on 1 and on 2 processes gives the same metrics: under DDP each process
+    sees half of the test set, and summarize() (torchmetrics compute) gathers both halves."""
+    pytest.importorskip("lightning")
+    single = _test_metrics(run_example("train_lightning.py", "--epochs", "0", "--log-dir", str(tmp_path / "one"),
+                                       cwd=tmp_path))
+    ddp = _test_metrics(run_example("train_lightning.py", "--epochs", "0", "--devices", "2", "--strategy", "ddp",
+                                    "--log-dir", str(tmp_path / "two"), cwd=tmp_path))
+    assert {"test/classify/accuracy", "test/segment/jaccard", "test/loss"} <= set(single)
+    for name in ("test/classify/accuracy", "test/classify/f1", "test/segment/jaccard", "test/segment/pixel_accuracy",
+                 "test/loss"):
+        assert ddp[name] == pytest.approx(single[name], abs=1e-3), (name, single, ddp)
+
+
 def test_tour_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/sections/tour.md (the README tour): every python block runs, in order, in one namespace."""
     pytest.importorskip("lightning")
