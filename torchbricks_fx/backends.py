@@ -172,6 +172,16 @@ def _numpy_dtype(dtype: torch.dtype) -> Any:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
+def _check_provider(device: torch.device) -> None:
+    """Fails before exporting when onnxruntime cannot run on ``device``."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" not in available:
+        raise BrickBackendError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: "
+                                f"{', '.join(available)}); install onnxruntime-gpu to run ONNX models on CUDA.")
+
+
 def _ort_session(path: Path, device: torch.device, threads: int) -> Any:
     import onnxruntime as ort
 
@@ -180,10 +190,6 @@ def _ort_session(path: Path, device: torch.device, threads: int) -> Any:
     options.inter_op_num_threads = 1
     if device.type != "cuda":
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in available:
-        raise BrickBackendError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: "
-                                f"{', '.join(available)}); install onnxruntime-gpu to run ONNX models on CUDA.")
     session = ort.InferenceSession(str(path), options, providers=[
         ("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"])
     if session.get_providers()[0] != "CUDAExecutionProvider":
@@ -212,6 +218,7 @@ def _onnxruntime_runner(collection: Any, stage: Stage, outputs: Sequence[str], n
                         device: torch.device, threads: int, input_names: Sequence[str]) -> Runner:
     from torchbricks_fx.export import export_onnx
 
+    _check_provider(device)
     folder = Path(tempfile.mkdtemp(prefix="torchbricks_fx_bench_"))
     try:
         path = folder / "stage.onnx"

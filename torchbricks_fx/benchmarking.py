@@ -37,6 +37,8 @@ __all__ = [
     "BenchmarkResult",
     "BrickProfile",
     "benchmark",
+    "compare_outputs",
+    "cpu_model",
     "environment",
     "plot",
     "profile_bricks",
@@ -165,8 +167,9 @@ def time_statement(stmt: str, globals: Mapping[str, Any], *, threads: int, min_r
     return timer.blocked_autorange(min_run_time=min_run_time)
 
 
-def _compare(reference: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> tuple[bool, float]:
-    """Whether ``got`` equals ``reference`` within float tolerances, and the largest absolute error."""
+def compare_outputs(reference: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> tuple[bool, float]:
+    """Whether ``got`` equals ``reference`` (floats within rtol 1e-3, atol 1e-4; other dtypes exactly) and the
+    largest absolute error (infinity for a missing output or another shape)."""
     matched, worst = set(reference) == set(got), 0.0
     for name, ref in reference.items():
         value = got.get(name)
@@ -223,7 +226,7 @@ def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping
         torch.cuda.reset_peak_memory_stats(device)
     bound = runner.bind(named_inputs)
     warmup = _warm_up(runner, bound)
-    matched, error = _compare(reference, bound.fetch())
+    matched, error = compare_outputs(reference, bound.fetch())
     measurement = time_statement(bound.stmt, bound.globals, threads=base.threads, min_run_time=min_run_time,
                                  label=base.stage, description=runner.name)
     # ORT allocates on the GPU outside torch's allocator: torch's peak would be meaningless there.
