@@ -478,8 +478,17 @@ def plot(results: Sequence[BenchmarkResult], path: str | os.PathLike[str]) -> st
                             if r.backend == backend and not r.failed and r.median_s is not None)
             if points:
                 axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         axes.set_xscale("log", base=2)
         axes.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        axes.set_xticks(sorted({r.batch_size for r in results}))
+        axes.xaxis.set_major_formatter(plain)
+        axes.xaxis.set_minor_formatter(NullFormatter())
+        axes.yaxis.set_major_formatter(plain)
+        axes.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        axes.yaxis.set_minor_formatter(plain)
         axes.set_xlabel("batch size")
         axes.set_ylabel("median latency per call (ms)")
         if results:

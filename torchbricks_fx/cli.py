@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -86,8 +87,8 @@ def load_build(target: str) -> tuple[Any, dict[str, Any]]:
     module = _import_file(path)
     build = getattr(module, function, None)
     if not callable(build):
-        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                       and getattr(v, "__module__", None) == module.__name__)
+        found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")
+                       and v.__module__ == module.__name__)
         raise CliError(f"{str(path)!r} defines no function {function!r} (functions defined there: "
                        f"{', '.join(found) or 'none'}). Define {function}() returning (collection, "
                        f"example_named_inputs), or name another function as {path}:FUNCTION.")
@@ -261,20 +262,26 @@ def _write_text(path: Path, text: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Inspect, export and benchmark a torchbricks_fx collection defined in a Python file "
-                               "whose build() returns (collection, example_named_inputs).")
+                               "whose build() returns (collection, example_named_inputs).",
+        epilog="examples:\n"
+               "  torchbricks-fx inspect_cmd model.py --mermaid\n"
+               "  torchbricks-fx export model.py --stage export -o model.onnx\n"
+               "  torchbricks-fx bench model.py --backends eager,fx,compile,onnxruntime --batch-sizes 1,8,32\n"
+               "exit codes: 0 ok; 1 the work failed or inspect found problems; 2 unusable input",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,export,bench}")
     target = "Python file defining build() -> (collection, example_named_inputs); FILE.py:FUNCTION picks another"
     stages = ", ".join(s.value for s in Stage)
 
-    inspect = sub.add_parser("inspect", parents=[common],
-                             help="per stage: bricks in order, inputs, outputs, pruned bricks, problems")
-    inspect.add_argument("file", metavar="FILE", help=target)
-    inspect.add_argument("--stage", help=f"one stage only ({stages}); default: every stage")
-    inspect.add_argument("--outputs", help="comma-separated outputs to keep (prunes what they do not need)")
-    inspect.add_argument("--mermaid", action="store_true", help="also print each stage's mermaid diagram")
-    inspect.set_defaults(run=_cmd_inspect)
+    inspect_cmd = sub.add_parser("inspect", parents=[common],
+                                 help="per stage: bricks in order, inputs, outputs, pruned bricks, problems")
+    inspect_cmd.add_argument("file", metavar="FILE", help=target)
+    inspect_cmd.add_argument("--stage", help=f"one stage only ({stages}); default: every stage")
+    inspect_cmd.add_argument("--outputs", help="comma-separated outputs to keep (prunes what they do not need)")
+    inspect_cmd.add_argument("--mermaid", action="store_true", help="also print each stage's mermaid diagram")
+    inspect_cmd.set_defaults(run=_cmd_inspect)
 
     export = sub.add_parser("export", parents=[common],
                             help="export a stage to ONNX, verified against eager with onnxruntime")
