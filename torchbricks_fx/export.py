@@ -269,22 +269,27 @@ def _dim_name(dim: Any, input_name: str, axis: int) -> str:
     return dim if isinstance(dim, str) else getattr(dim, "__name__", None) or f"{input_name}_dim{axis}"
 
 
-def _export_dims(axes: Sequence[Mapping[int, Any]], or_none: bool = False) -> tuple[dict[int, Any] | None, ...] | None:
+def _export_dims(axes: Sequence[Mapping[int, Any]], or_none: bool = False,
+                 named: bool = True) -> tuple[dict[int, Any] | None, ...] | None:
     """``torch.export`` dynamic shapes: one ``Dim`` object per name, shared by every input that uses it
-    (``None`` for a static input; with ``or_none``, ``None`` when no input is dynamic)."""
+    (``None`` for a static input; with ``or_none``, ``None`` when no input is dynamic).  ``named=False``
+    gives ``Dim.DYNAMIC`` instead, which lets torch.export infer ranges and equalities (e.g. cuDNN's
+    batch <= 65535 guard on CUDA) where a plain named ``Dim`` is an error."""
     dims: dict[str, Any] = {}
 
     def dim(value: Any) -> Any:
         if not isinstance(value, str):
             return value  # a Dim (or Dim.AUTO / Dim.DYNAMIC) given by the user
+        if not named:
+            return torch.export.Dim.DYNAMIC
         return dims.setdefault(value, torch.export.Dim(value))
 
     shapes = tuple({axis: dim(value) for axis, value in axis_map.items()} or None for axis_map in axes)
     return None if or_none and all(shape is None for shape in shapes) else shapes
 
 
-def _shapes_for(module: nn.Module, axes: Sequence[Mapping[int, Any]]) -> Any:
-    shapes = _export_dims(axes, or_none=True)
+def _shapes_for(module: nn.Module, axes: Sequence[Mapping[int, Any]], named: bool = True) -> Any:
+    shapes = _export_dims(axes, or_none=True, named=named)
     # A lone brick's wrapper takes *tensors, which torch.export sees as one tuple argument.
     return (shapes,) if shapes is not None and isinstance(module, _BrickAlone) else shapes
 
@@ -315,7 +320,8 @@ def _random_like(example: torch.Tensor, shape: list[int], generator: torch.Gener
     if example.dtype == torch.bool:
         value = torch.randint(0, 2, shape, generator=generator).bool()
     elif example.is_floating_point():
-        low, high = (float(example.min()), float(example.max())) if example.numel() else (0.0, 1.0)
+        finite = example[torch.isfinite(example)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
         high = high if high > low else low + 1.0
         value = torch.rand(shape, generator=generator, dtype=torch.float64) * (high - low) + low
     elif example.is_complex():
@@ -440,8 +446,7 @@ def _staged_file(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yields a file path in a private folder next to ``path``; when the block succeeds, moves what was
     written there (external data first, the main file last) into place.  Removes the folder in any case,
     and the folders it created when nothing was written."""
-    if path.exists() and not overwrite:
-        raise BrickExportError(f"{path} already exists; pass overwrite=True to replace it.")
+    _refuse_existing(path, overwrite)
     created = _make_parents(path.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     committed = False
@@ -456,6 +461,11 @@ def _staged_file(path: Path, overwrite: bool) -> Iterator[Path]:
             for folder in reversed(created):
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise BrickExportError(f"{path} already exists; pass overwrite=True to replace it.")
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -675,6 +685,7 @@ def export_onnx(collection: BrickCollection, path: str | os.PathLike[str], named
         raise BrickExportError(f"onnx_export_kwargs must not set {reserved}: export_onnx sets them itself (use "
                                f"dynamic_batch / dynamic_shapes / opset / dynamo).")
     path = Path(path)
+    _refuse_existing(path, overwrite)  # fail before any work; checked again when the file is moved in
     target = _target(collection, stage, outputs)
     args = _example_args(target, named_inputs)
     axes = _dynamic_axes(target, args, dynamic_batch, dynamic_shapes)
@@ -752,7 +763,7 @@ class _NamedStage(nn.Module):
 
 
 def _program(module: nn.Module, args: tuple[Any, ...], axes: Sequence[Mapping[int, Any]], strict: bool) -> Any:
-    return torch.export.export(module, args, dynamic_shapes=_shapes_for(module, axes), strict=strict)
+    return torch.export.export(module, args, dynamic_shapes=_shapes_for(module, axes, named=False), strict=strict)
 
 
 def export_program(collection: BrickCollection, path: str | os.PathLike[str],
@@ -769,6 +780,7 @@ def export_program(collection: BrickCollection, path: str | os.PathLike[str],
     """
     stage = parse_stage(stage)
     path = Path(path)
+    _refuse_existing(path, overwrite)  # fail before any work; checked again when the file is moved in
     target = _target(collection, stage, outputs)
     args = _example_args(target, named_inputs)
     axes = _dynamic_axes(target, args, dynamic_batch, dynamic_shapes)
@@ -776,7 +788,7 @@ def export_program(collection: BrickCollection, path: str | os.PathLike[str],
     trace_args = _trace_args(args, axes)
     module = _NamedStage(target.graph_module, target.input_names, target.output_names)
     named = dict(zip(target.input_names, trace_args, strict=True))
-    dims = _export_dims(axes) or ()
+    dims = _export_dims(axes, named=False) or ()  # a .pt2 has no axis names to keep
     dynamic = any(d is not None for d in dims)
     named_dims = (dict(zip(target.input_names, dims, strict=True)),) if dynamic else None
 
@@ -801,9 +813,10 @@ def export_program(collection: BrickCollection, path: str | os.PathLike[str],
             start = time.perf_counter()
             runs = _verification_runs(target, args, axes, values)
             loaded = torch.export.load(staged).module()
-            compared = [(loaded(dict(zip(target.input_names, run_args, strict=True))), eager)
-                        for run_args, eager in runs]
             device = args[0].device if args else torch.device("cpu")
+            with torch.no_grad(), _exact_cuda_float32(device):  # same numerics as the eager reference
+                compared = [(loaded(dict(zip(target.input_names, run_args, strict=True))), eager)
+                            for run_args, eager in runs]
             errors = _output_errors(compared, target.output_names, device)
             verify_seconds = time.perf_counter() - start
             batches = tuple(_batch_size(run_args) for run_args, _ in runs)
