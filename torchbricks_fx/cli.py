@@ -171,7 +171,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     stages = [_stage(args.stage)] if args.stage else list(Stage)
     outputs = _names(args.outputs)
     collection, named_inputs = load_build(args.file)
-    print(f"{args.file}: {len(collection.bricks())} bricks; example inputs: "
+    n_bricks = len(collection.bricks())
+    print(f"{args.file}: {n_bricks} brick{'' if n_bricks == 1 else 's'}; example inputs: "
           f"{', '.join(_input_summary(named_inputs)) or '(none)'}")
     problems: list[str] = []
     for stage in stages:
