@@ -18,6 +18,9 @@ from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 from torchbricks_fx import BrickCollection, BrickError, BrickLoss, BrickMetricSingle, BrickTrainable  # noqa: E402
 from torchbricks_fx.lightning import BrickLightningModule  # noqa: E402
 
+# Some tests call the steps directly, outside a Trainer, where self.log() warns and does nothing.
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
 N_FEATURES, N_CLASSES = 4, 3
 
 
@@ -171,3 +174,18 @@ def test_compile_true_trains() -> None:
     assert losses[-1] < losses[0]
     eager = BrickLightningModule(module.collection, sgd())
     torch.testing.assert_close(module({"raw": x})["a/logits"], eager({"raw": x})["a/logits"])
+
+
+def test_checkpoint_round_trip(tmp_path: Any) -> None:
+    module = BrickLightningModule(make_collection(), sgd())
+    runner = trainer(max_epochs=1, default_root_dir=str(tmp_path))
+    runner.fit(module, train_dataloaders=DataLoader(blobs(32), batch_size=16))
+    path = tmp_path / "model.ckpt"
+    runner.save_checkpoint(str(path))
+
+    fresh = BrickLightningModule(make_collection(), sgd())
+    fresh.collection.bricks()["body"].model[0].weight.data.zero_()
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    fresh.load_state_dict(state)
+    x = blobs(8)[:][0]
+    torch.testing.assert_close(fresh({"raw": x})["a/logits"], module({"raw": x})["a/logits"])
