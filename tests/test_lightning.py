@@ -189,3 +189,20 @@ def test_checkpoint_round_trip(tmp_path: Any) -> None:
     fresh.load_state_dict(state)
     x = blobs(8)[:][0]
     torch.testing.assert_close(fresh({"raw": x})["a/logits"], module({"raw": x})["a/logits"])
+
+
+def test_stage_modules_are_rebuilt_after_the_collection_changes() -> None:
+    module = BrickLightningModule(make_collection(), sgd())
+    x = blobs(8)[:][0]
+    assert "c/logits" not in module({"raw": x})
+    module.collection["c"] = head_group()
+    assert "c/logits" in module({"raw": x})
+
+
+def test_non_scalar_losses_are_an_error() -> None:
+    collection = BrickCollection({
+        "fc": BrickTrainable(nn.Linear(N_FEATURES, N_CLASSES), ["raw"], ["logits"]),
+        "loss": BrickLoss(nn.CrossEntropyLoss(reduction="none"), ["logits", "targets"], ["loss_ce"]),
+    })
+    with pytest.raises(BrickError, match=r"Losses must be scalars.*'loss_ce': \(8,\)"):
+        BrickLightningModule(collection, sgd()).training_step(blobs(8)[:], 0)

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from torchbricks_fx.bricks import structure_version
 from torchbricks_fx.collection import BrickCollection
 from torchbricks_fx.errors import BrickError
 from torchbricks_fx.fx import StageModule, compile_stage
@@ -63,15 +64,19 @@ class BrickLightningModule(pl.LightningModule):
         self.batch_names = tuple(batch_names)
         # Kept out of the module tree (a plain dict): stage modules share the collection's modules, and
         # registering them would duplicate every weight in the state dict.
-        self._stage_modules: dict[Stage, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        self._stage_modules: dict[Stage, tuple[int, Callable[[dict[str, Any]], dict[str, Any]]]] = {}
 
     # ------------------------------------------------------------------ stages
     def stage_module(self, stage: Stage) -> Callable[[dict[str, Any]], dict[str, Any]]:
-        """The compiled module of ``stage`` (built on first use)."""
-        if stage not in self._stage_modules:
+        """The compiled module of ``stage``, built on first use and again after the collection's bricks or
+        connections change."""
+        version = structure_version()
+        cached = self._stage_modules.get(stage)
+        if cached is None or cached[0] != version:
             module: StageModule = compile_stage(self.collection, stage)
-            self._stage_modules[stage] = torch.compile(module) if self.use_compile else module
-        return self._stage_modules[stage]
+            cached = (version, torch.compile(module) if self.use_compile else module)
+            self._stage_modules[stage] = cached
+        return cached[1]
 
     def named_inputs(self, batch: Any) -> dict[str, Any]:
         """A batch as a dict of named inputs (see ``batch_names``)."""
@@ -98,6 +103,10 @@ class BrickLightningModule(pl.LightningModule):
         if not losses:
             raise BrickError(f"No loss in stage {stage.value}: mark a brick's outputs as losses (BrickLoss, or "
                              f"loss_output_names=...) alive in that stage.")
+        not_scalar = {name: tuple(loss.shape) for name, loss in losses.items() if loss.dim() != 0}
+        if not_scalar:
+            raise BrickError(f"Losses must be scalars to be summed; got shapes {not_scalar} in stage {stage.value} "
+                             f"(reduce them in the loss brick, e.g. reduction='mean').")
         total = torch.stack([loss.float() for loss in losses.values()]).sum()
         on_step = stage is Stage.TRAIN
         batch_size = _batch_size(named_inputs)
