@@ -500,10 +500,9 @@ def _move(source: Path, destination: Path, overwrite: bool) -> None:
         os.replace(source, destination)
 
 
-def _size(path: Path) -> int:
-    """The artifact's bytes, external data files included."""
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name == path.name
-               or (p.name.startswith(path.name) and p.name.endswith(".data")))
+def _size(staged: Path) -> int:
+    """The artifact's bytes, external data files included (the staging folder holds nothing else)."""
+    return sum(p.stat().st_size for p in staged.parent.iterdir() if p.is_file())
 
 
 # ============================================================================================ failures
