@@ -317,3 +317,33 @@ def test_batch_of_one_still_gives_a_dynamic_batch(tmp_path):
     report = export_onnx(collection, tmp_path / "m.onnx", one, outputs=["seg"])
     assert report.verified_batch_sizes == (1, 2)
     assert run_onnx(tmp_path / "m.onnx", {"raw": torch.rand(4, 3, 16, 16)})["seg"].shape[0] == 4
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_aliases_pass_throughs_and_all_bindings(tmp_path, dynamo):
+    class Twice(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = x + 1
+            return y, y  # one tensor under two names
+
+    collection = BrickCollection({
+        "identity": BrickNotTrainable(lambda x: x, input_names=["x"], output_names=["same"]),
+        "twice": BrickTrainable(Twice(), input_names=["same"], output_names=["a", "b"]),
+        "concat": BrickTrainable(lambda values: torch.cat(list(values.values()), dim=1), input_names="all",
+                                 output_names=["everything"]),
+    })
+    report = export_onnx(collection, tmp_path / "m.onnx", {"x": torch.rand(2, 3)}, dynamo=dynamo)
+    assert report.output_names == ("same", "a", "b", "everything") and report.verified_batch_sizes == (2, 3)
+    assert [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output] == list(report.output_names)
+
+
+def test_metric_stage_of_a_nested_collection_with_relative_names(tmp_path):
+    from torchbricks_fx.bag_of_bricks import image_classification_bricks
+
+    torch.manual_seed(0)
+    collection = BrickCollection({"cls": image_classification_bricks(num_classes=4, backbone="mobilenet_v3_small")})
+    report = export_onnx(collection, tmp_path / "m.onnx", {"raw": torch.rand(2, 3, 32, 32)}, stage=Stage.VALIDATION,
+                         outputs=["cls/probabilities"])
+    assert report.input_names == ("raw",) and report.output_names == ("cls/probabilities",)
+    with pytest.raises(BrickGraphError, match="cls/probabilitie"):
+        export_onnx(collection, tmp_path / "x.onnx", {"raw": torch.rand(2, 3, 32, 32)}, outputs=["cls/probabilitie"])
