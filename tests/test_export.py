@@ -347,3 +347,14 @@ def test_metric_stage_of_a_nested_collection_with_relative_names(tmp_path):
     assert report.input_names == ("raw",) and report.output_names == ("cls/probabilities",)
     with pytest.raises(BrickGraphError, match="cls/probabilitie"):
         export_onnx(collection, tmp_path / "x.onnx", {"raw": torch.rand(2, 3, 32, 32)}, outputs=["cls/probabilitie"])
+
+
+def test_missing_onnxscript_is_not_blamed_on_the_bricks(tmp_path, monkeypatch):
+    def no_onnxscript(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnxscript'", name="onnxscript")
+
+    monkeypatch.setattr(torch.onnx, "export", no_onnxscript)
+    with pytest.raises(BrickExportError, match=r"(?s)'onnxscript'.*dynamo=False") as info:
+        export_onnx(tiny(nn.Identity()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)})
+    assert "brick" not in str(info.value)
+    assert leftovers(tmp_path) == []

@@ -553,10 +553,27 @@ def _localized_failure(target: _Target, trace_args: tuple[torch.Tensor, ...], ax
                        ) -> BrickExportError:
     """:func:`_localized_error` on the values of the traced inputs (those differ when a batch of one was
     doubled for tracing)."""
+    missing = _missing_module(error)
+    if missing is not None:  # an environment problem, not a brick's: do not blame the bricks
+        return BrickExportError(f"Exporting stage {target.plan.stage.value} {what} needs the module {missing!r}, "
+                                f"which is not installed (the dynamo exporter needs onnxscript); install it or pass "
+                                f"dynamo=False.")
     batch = _batch_size(trace_args) if any(0 in axis_map for axis_map in axes) else None
     traced_example = all(a is values[n] for n, a in zip(target.input_names, trace_args, strict=True))
     trace_values = values if traced_example else _eager_values(target, trace_args)
     return _localized_error(target, trace_values, error, what, try_export, batch)
+
+
+def _missing_module(error: BaseException) -> str | None:
+    """The module that is not installed, when ``error`` (or what it was raised from) says so."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ModuleNotFoundError):
+            return current.name or str(current)
+        seen.add(id(current))
+        current = current.__cause__  # explicit chaining only: handled optional imports are not the problem
+    return None
 
 
 def _localized_error(target: _Target, values: Mapping[str, Any], error: Exception, what: str,
