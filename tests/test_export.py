@@ -358,3 +358,13 @@ def test_missing_onnxscript_is_not_blamed_on_the_bricks(tmp_path, monkeypatch):
         export_onnx(tiny(nn.Identity()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)})
     assert "brick" not in str(info.value)
     assert leftovers(tmp_path) == []
+
+
+def test_a_file_onnxruntime_cannot_run_is_not_written(tmp_path, monkeypatch):
+    def broken_session(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation")
+
+    monkeypatch.setattr(ort, "InferenceSession", broken_session)
+    with pytest.raises(BrickExportError, match="ONNX Runtime cannot run the exported file.*NOT_IMPLEMENTED"):
+        export_onnx(tiny(nn.Identity()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)})
+    assert leftovers(tmp_path) == []

@@ -666,12 +666,18 @@ def _verify_onnx(path: Path, target: _Target, runs: Sequence[tuple[tuple[torch.T
     import onnxruntime as ort
 
     device = runs[0][0][0].device if runs[0][0] else torch.device("cpu")
-    session = ort.InferenceSession(str(path), providers=_providers(device))
-    dropped = [n for n in target.input_names if n not in {i.name for i in session.get_inputs()}]
-    if dropped:
-        warnings.warn(f"The ONNX file has no input {dropped}: the exporter found that no output depends on them "
-                      f"(or froze their values; verification checks that).", stacklevel=3)
-    compared = [(_ort_outputs(session, target.input_names, args), eager) for args, eager in runs]
+    try:
+        session = ort.InferenceSession(str(path), providers=_providers(device))
+        dropped = [n for n in target.input_names if n not in {i.name for i in session.get_inputs()}]
+        if dropped:
+            warnings.warn(f"The ONNX file has no input {dropped}: the exporter found that no output depends on "
+                          f"them (or froze their values; verification checks that).", stacklevel=3)
+        compared = [(_ort_outputs(session, target.input_names, args), eager) for args, eager in runs]
+    except BrickExportError:
+        raise
+    except Exception as error:  # the file is only worth writing if onnxruntime can run it
+        raise BrickExportError(f"ONNX Runtime cannot run the exported file: {_reason(error)}\nNothing was "
+                               f"written; pass verify=False to keep an unverified file.") from error
     return _output_errors(compared, target.output_names, device), tuple(session.get_providers())
 
 
