@@ -365,6 +365,6 @@ def test_a_file_onnxruntime_cannot_run_is_not_written(tmp_path, monkeypatch):
         raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation")
 
     monkeypatch.setattr(ort, "InferenceSession", broken_session)
-    with pytest.raises(BrickExportError, match="ONNX Runtime cannot run the exported file.*NOT_IMPLEMENTED"):
+    with pytest.raises(BrickExportError, match=r"ONNX Runtime cannot run the exported file.*NOT_IMPLEMENTED"):
         export_onnx(tiny(nn.Identity()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)})
     assert leftovers(tmp_path) == []
