@@ -31,7 +31,7 @@ from torchbricks_fx.stage import Stage
 
 if TYPE_CHECKING:
     from torchbricks_fx.benchmarking import BenchmarkResult, BrickProfile, benchmark, profile_bricks
-    from torchbricks_fx.export import ExportReport, export_onnx, export_program
+    from torchbricks_fx.export import ExportReport, OutputError, export_onnx, export_program
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ __all__ = [
     "BrickProfile",
     "BrickTrainable",
     "ExportReport",
+    "OutputError",
     "Stage",
     "StageModule",
     "StagePlan",
@@ -66,6 +67,7 @@ _LAZY = {
     "export_onnx": "torchbricks_fx.export",
     "export_program": "torchbricks_fx.export",
     "ExportReport": "torchbricks_fx.export",
+    "OutputError": "torchbricks_fx.export",
     "benchmark": "torchbricks_fx.benchmarking",
     "profile_bricks": "torchbricks_fx.benchmarking",
     "BenchmarkResult": "torchbricks_fx.benchmarking",

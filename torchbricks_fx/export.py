@@ -35,11 +35,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from torchbricks_fx.bricks import STAGE_INPUT, Brick, name_outputs
+from torchbricks_fx.bricks import STAGE_INPUT, Brick
 from torchbricks_fx.collection import BrickCollection
 from torchbricks_fx.errors import BrickExportError, BrickGraphError
 from torchbricks_fx.fx import compile_stage
 from torchbricks_fx.plan import BrickSpec, StagePlan
+from torchbricks_fx.runtime import bind_steps, run_steps
 from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = ["ExportReport", "OutputError", "export_onnx", "export_program", "tolerance"]
@@ -334,26 +335,15 @@ def _random_like(example: torch.Tensor, shape: list[int], generator: torch.Gener
 
 # ============================================================================================ eager
 def _eager_values(target: _Target, args: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """Every value of the exported part of the stage on ``args``: the bricks' own code run eagerly in plan
-    order, as ``BrickCollection.forward`` does (metric bricks left out: verifying updates no metric)."""
+    """Every value of the exported part of the stage on ``args``, computed by the eager runtime in plan
+    order (metric bricks left out: verifying updates no metric)."""
     plan = target.plan
-    values: dict[str, Any] = dict(zip(target.input_names, args, strict=True))
-    values[STAGE_INPUT] = plan.stage
+    named_inputs = dict(zip(target.input_names, args, strict=True))
+    values: dict[str, Any] = {**named_inputs, STAGE_INPUT: plan.stage}
+    steps = bind_steps(plan, [step for step in plan.steps if step.in_graph], target.bricks)
     device = args[0].device if args else torch.device("cpu")
     with _stage_modes(target), torch.set_grad_enabled(target.training), _exact_cuda_float32(device):
-        for step in plan.steps:
-            fn = target.bricks[step.name].stage_callable(plan.stage)
-            try:
-                if step.takes_all:
-                    result = fn({n: values[n] for n in _all_reads(plan, step) if n in values})
-                else:
-                    result = fn(*[values[n] for n in step.args], **{a: values[n] for a, n in step.kwargs})
-            except Exception as error:
-                add_note = getattr(error, "add_note", None)  # Python >= 3.11
-                if add_note is not None:
-                    add_note(f"(raised in brick {step.name!r} while computing the eager reference)")
-                raise
-            values.update(zip(step.outputs, name_outputs(step.name, result, step.outputs), strict=True))
+        run_steps(steps, values, named_inputs)
     return values
 
 
