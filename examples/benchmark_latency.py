@@ -53,8 +53,8 @@ def main() -> None:
         print("plot:", plot(results, out / "benchmark.png"))
 
     # Where the time goes inside the eager stage, brick by brick.
-    profile = profile_bricks(collection, named_inputs, stage=Stage.INFERENCE, outputs=OUTPUTS,
-                             min_run_time=args.min_run_time)
+    profile = profile_bricks(collection, named_inputs, stage=Stage.INFERENCE, outputs=OUTPUTS, device=args.device,
+                             threads=args.threads, min_run_time=args.min_run_time)
     print(profile_to_markdown(profile))
     print(f"results in {out}")
 
