@@ -6,9 +6,9 @@ every ``benchmarks/results/*.md`` fragment with the exact command that produced 
     python benchmarks/run_all.py --no-run          # only re-stitch the fragments already there
 
 A script takes part by declaring, on one line, ``COMMAND = "python benchmarks/<script>.py --markdown
-benchmarks/results/<name>.md ..."``: ``benchmarks/suite.py`` and every ``benchmarks/bench_*.py`` are
-scanned for it.  The fragment is the path after ``--markdown`` (default ``results/<script name without
-bench_>.md``).
+benchmarks/results/<name>.md ..."`` (or, failing that, by a usage line ``python benchmarks/<script>.py ...``
+in its docstring): ``benchmarks/suite.py`` and every ``benchmarks/bench_*.py`` are scanned for it.
+The fragment is the path after ``--markdown`` (default ``results/<script name without bench_>.md``).
 """
 
 from __future__ import annotations
@@ -56,8 +56,13 @@ def discover() -> list[Script]:
     for path in paths:
         if not path.is_file():
             continue
-        match = _COMMAND_LINE.search(path.read_text(encoding="utf-8"))
-        command = match.group("command") if match else None
+        source = path.read_text(encoding="utf-8")
+        match = _COMMAND_LINE.search(source)
+        if match is None:  # a usage line in the docstring, e.g. "    python benchmarks/x.py --markdown ..."
+            usage = re.compile(rf"^\s*(?P<command>python3? benchmarks/{re.escape(path.name)}(?: [^\n]*)?)$",
+                               re.MULTILINE)
+            match = usage.search(source)
+        command = match.group("command").strip() if match else None
         markdown = re.search(r"--markdown\s+(\S+)", command or "")
         name = path.stem.removeprefix("bench_")
         fragment = ROOT / markdown.group(1) if markdown else RESULTS / f"{name}.md"

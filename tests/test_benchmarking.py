@@ -145,6 +145,28 @@ def test_progress_reports_each_backend_and_batch_size(collection, inputs):
     assert sum("batch" in line for line in lines) == 4
 
 
+def test_timing_train_or_metric_stages_leaves_buffers_and_metrics_as_they_were():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    torch.manual_seed(0)
+    collection = BrickCollection({
+        "body": BrickTrainable(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), input_names=["x"],
+                               output_names=["logits"]),
+        "argmax": BrickNotTrainable(lambda t: t.argmax(dim=1), input_names=["logits"], output_names=["pred"]),
+        "accuracy": BrickMetricSingle(MulticlassAccuracy(num_classes=3), input_names=["pred", "labels"]),
+    })
+    named_inputs = {"x": torch.randn(4, 4), "labels": torch.tensor([0, 1, 2, 0])}
+    collection(named_inputs, stage=Stage.TRAIN)
+    buffers = {k: v.clone() for k, v in collection.state_dict().items()}
+    metrics = collection.summarize(Stage.TRAIN)
+    for stage in (Stage.TRAIN, Stage.TEST):
+        benchmark(collection, named_inputs, stage=stage, backends=["eager", "fx"], min_run_time=FAST)
+        profile_bricks(collection, named_inputs, stage=stage, min_run_time=FAST)
+    assert all(torch.equal(v, buffers[k]) for k, v in collection.state_dict().items())
+    assert collection.summarize(Stage.TRAIN) == metrics
+    assert [m.update_count for m in collection["accuracy"].metrics["TEST"].values()] == [0]
+
+
 # ------------------------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"backends": ["eager", "tensorrt"]}, r"'tensorrt'.*valid backends: eager, fx, compile, onnxruntime, cudagraphs"),

@@ -27,6 +27,9 @@ def user_files(tmp_path: Path) -> Path:
         from helper import WIDTH  # a neighbour module: the file's folder is importable
 
         def chain():
+            import helper  # still importable while build runs
+
+            assert helper.WIDTH == WIDTH
             return BrickCollection({"a": BrickTrainable(nn.Linear(WIDTH, WIDTH), ["x"], ["y"]),
                                     "b": BrickTrainable(nn.ReLU(), ["y"], ["z"])}), {"x": torch.randn(2, WIDTH)}
 

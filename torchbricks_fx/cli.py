@@ -60,9 +60,6 @@ def _on_sys_path(folder: Path) -> Iterator[None]:
 
 
 def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        raise CliError(f"No such file: {str(path)!r}. Give a Python file that defines build() returning "
-                       f"(collection, example_named_inputs), optionally as FILE.py:FUNCTION.")
     name = f"_torchbricks_fx_user_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -70,8 +67,7 @@ def _import_file(path: Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look their module up here
     try:
-        with _on_sys_path(path.resolve().parent):
-            spec.loader.exec_module(module)
+        spec.loader.exec_module(module)
     except Exception as error:
         sys.modules.pop(name, None)
         raise CliError(f"Importing {str(path)!r} failed with {type(error).__name__}: {_one_line(error)}") from error
@@ -80,10 +76,18 @@ def _import_file(path: Path) -> Any:
 
 def load_build(target: str) -> tuple[Any, dict[str, Any]]:
     """Imports ``FILE.py[:FUNCTION]`` and returns what the function returns, checked:
-    ``(BrickCollection, {input name: value})``."""
+    ``(BrickCollection, {input name: value})``.  The file's folder is importable while it loads and builds."""
+    path, function = _split_target(target)
+    if not path.is_file():
+        raise CliError(f"No such file: {str(path)!r}. Give a Python file that defines build() returning "
+                       f"(collection, example_named_inputs), optionally as FILE.py:FUNCTION.")
+    with _on_sys_path(path.resolve().parent):
+        return _load_build(path, function)
+
+
+def _load_build(path: Path, function: str) -> tuple[Any, dict[str, Any]]:
     from torchbricks_fx.collection import BrickCollection
 
-    path, function = _split_target(target)
     module = _import_file(path)
     build = getattr(module, function, None)
     if not callable(build):
