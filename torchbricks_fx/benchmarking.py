@@ -222,11 +222,13 @@ def _reason(error: BaseException) -> str:
 
 def _warm_up(runner: Runner, bound: BoundCall) -> float:
     """Untimed first calls (compilation for compiled backends); seconds spent."""
-    import torch._dynamo.config as dynamo_config
+    guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if runner.compiles:
+        import torch._dynamo.config as dynamo_config
 
-    # Dynamo caches compiled code per code object (StageModule.forward is shared by every stage module) and
-    # falls back to eager *silently* past its recompile limit; make that an error so it is reported.
-    guard = dynamo_config.patch(fail_on_recompile_limit_hit=True) if runner.compiles else contextlib.nullcontext()
+        # Dynamo caches compiled code per code object (StageModule.forward is shared by every stage module)
+        # and falls back to eager *silently* past its recompile limit; make that an error so it is reported.
+        guard = dynamo_config.patch(fail_on_recompile_limit_hit=True)
     code = compile(bound.stmt, "<benchmark>", "eval")
     start = time.perf_counter()
     try:
@@ -235,6 +237,8 @@ def _warm_up(runner: Runner, bound: BoundCall) -> float:
                 eval(code, dict(bound.globals))
     except Exception as error:
         if type(error).__name__ == "FailOnRecompileLimitHit":
+            import torch._dynamo.config as dynamo_config
+
             raise BrickBackendError(
                 f"torch.compile reached torch._dynamo.config.recompile_limit "
                 f"({dynamo_config.recompile_limit}) for StageModule.forward in this process, so the compiled "
