@@ -245,3 +245,26 @@ def test_mermaid_diagram_per_stage(multitask):
     assert "-.->|labels|" in text  # the pruned loss's edges are dashed
     everything = multitask.to_mermaid()
     assert "pruned" not in everything and "b_loss_seg" in everything
+
+
+def test_many_compiled_stage_modules_each_get_their_own_graph():
+    # One shared forward code object would hit Dynamo's recompile limit (8) and silently run eagerly.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 4)
+    for _ in range(10):
+        collection = BrickCollection({"a": BrickTrainable(nn.Linear(4, 4), input_names=["x"], output_names=["y"])})
+        before = counters["stats"]["unique_graphs"]
+        torch.compile(compile_stage(collection, Stage.INFERENCE))({"x": x})
+        assert counters["stats"]["unique_graphs"] == before + 1
+
+
+def test_stage_module_survives_deepcopy_and_pickle(multitask, multitask_inputs):
+    import copy
+    import pickle
+
+    stage_module = compile_stage(multitask, Stage.INFERENCE)
+    expected = stage_module({"raw": multitask_inputs["raw"]})
+    for clone in (copy.deepcopy(stage_module), pickle.loads(pickle.dumps(stage_module))):
+        assert_same(clone({"raw": multitask_inputs["raw"]}), expected)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import keyword
 import operator
 import re
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,6 +157,25 @@ class StageModule(nn.Module):
         self._mode_modules = stage_modules([bricks[s.name] for s in plan.steps if s.in_graph])
         self._training = plan.stage is Stage.TRAIN
         self._arity_checked = False
+        self._bind_own_forward()
+
+    def _bind_own_forward(self) -> None:
+        # Dynamo caches compiled code per code object, at most `recompile_limit` (8) entries each.  With the
+        # class's one `forward`, the 9th StageModule compiled in a process would silently run eagerly; a
+        # copy of the code object per instance gives each its own cache.
+        function = StageModule.forward
+        own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                                 function.__defaults__, function.__closure__)
+        self.__dict__["forward"] = types.MethodType(own, self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("forward", None)  # a per-instance function cannot be pickled; rebuilt on load
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._bind_own_forward()
 
     def forward(self, named_inputs: dict[str, Any]) -> dict[str, Any]:
         try:
