@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -100,20 +99,3 @@ def test_ddp_metrics_are_synchronized_across_processes(tmp_path: Path) -> None:
     for name in ("test/classify/accuracy", "test/classify/f1", "test/segment/jaccard", "test/segment/pixel_accuracy",
                  "test/loss"):
         assert ddp[name] == pytest.approx(single[name], abs=1e-3), (name, single, ddp)
-
-
-def test_tour_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """docs/sections/tour.md (the README tour): every python block runs, in order, in one namespace."""
-    pytest.importorskip("lightning")
-    text = (EXAMPLES.parent / "docs" / "sections" / "tour.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) >= 7
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {"__name__": "__tour__"}
-    for index, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"tour.md block {index}", "exec"), namespace)
-        except Exception as error:
-            raise AssertionError(f"tour.md python block {index} failed:\n{block}") from error
-    assert (tmp_path / "multitask.onnx").is_file()
-    assert (tmp_path / "benchmark.json").is_file()

@@ -38,3 +38,6 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         except Exception as error:
             raise AssertionError(f"README python block {index} failed:\n{block}") from error
     assert os.getcwd() == str(tmp_path)
+    # the tour leaves its artifacts where a user would find them
+    assert (tmp_path / "multitask.onnx").is_file()
+    assert (tmp_path / "benchmark.json").is_file()
