@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import Classifier
 from torch import nn
 
 from torchbricks_fx import (
@@ -162,6 +163,13 @@ def test_errors_inside_a_brick_are_annotated_with_its_name():
     with pytest.raises(RuntimeError) as info:
         collection({"x": torch.ones(2, 5)}, Stage.INFERENCE)
     assert "(raised in brick 'bad')" in getattr(info.value, "__notes__", ["(raised in brick 'bad')"])
+
+
+def test_swapping_a_bricks_model_takes_effect(multitask, multitask_inputs):
+    before = multitask(multitask_inputs, Stage.INFERENCE)["logits"]
+    multitask["heads"]["classifier"].model = Classifier(num_classes=5)
+    assert multitask(multitask_inputs, Stage.INFERENCE)["logits"].shape == (4, 5)
+    assert before.shape == (4, 3)
 
 
 def test_plain_callables_become_modules():

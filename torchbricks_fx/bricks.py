@@ -128,6 +128,11 @@ class Brick(nn.Module):
         self.output_names = output_names
         self.alive_stages = parse_alive_stages(alive_stages, default=default_stages)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module):
+            bump_structure_version()  # e.g. ``brick.model = other``: bound plans must call the new module
+
     # Connections are properties so that changing one invalidates cached plans.
     @property
     def input_names(self) -> list[str] | dict[str, str] | str:
