@@ -30,7 +30,7 @@ from torchbricks_fx.backends import DEFAULT_BACKENDS, BoundCall, Runner, make_ru
 from torchbricks_fx.bricks import STAGE_INPUT
 from torchbricks_fx.errors import BrickBackendError
 from torchbricks_fx.export import tolerance
-from torchbricks_fx.runtime import enter_modes, exit_modes, stage_modules
+from torchbricks_fx.runtime import enter_modes, exit_modes, preserved_state, stage_modules
 from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = [
@@ -157,32 +157,6 @@ def _on_device(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
     finally:
         if len(devices) == 1:
             module.to(next(iter(devices)))
-
-
-@contextlib.contextmanager
-def _preserved_state(module: torch.nn.Module) -> Iterator[None]:
-    """Restores ``module``'s buffers (BatchNorm statistics move in TRAIN) and torchmetrics states (metric
-    bricks update in TRAIN/VALIDATION/TEST) after the block: timing a stage thousands of times must not
-    change the model or the metrics it has accumulated."""
-    buffers = {(m, name): b.detach().clone() for m in module.modules() for name, b in m._buffers.items()
-               if b is not None}
-    metrics: dict[Any, tuple[Any, Any, Any]] = {
-        m: (copy.deepcopy(m.metric_state), getattr(m, "_update_count", None), getattr(m, "_computed", None))
-        for m in module.modules() if hasattr(m, "metric_state") and hasattr(m, "_defaults")}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for (owner, name), saved in buffers.items():
-                current = owner._buffers.get(name)
-                if current is not None:
-                    current.copy_(saved)
-        for metric, (state, update_count, computed) in metrics.items():
-            for name, value in state.items():
-                setattr(metric, name, value)
-            if update_count is not None:
-                metric._update_count = update_count
-            metric._computed = computed
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -354,7 +328,7 @@ def benchmark(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage 
     if not min_run_time > 0:
         raise BrickBackendError(f"min_run_time must be positive, not {min_run_time!r}.")
     report = progress or (lambda _: None)
-    with _torch_threads(threads) as n_threads, _preserved_state(collection), _on_device(collection, dev):
+    with _torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, dev):
         inputs = {bs: _to_device(resize_batch(named_inputs, bs), dev) for bs in sizes}
         references = {bs: _reference_outputs(collection, stage, x, plan.outputs) for bs, x in inputs.items()}
         results: list[BenchmarkResult] = []
@@ -389,7 +363,7 @@ def profile_bricks(collection: Any, named_inputs: Mapping[str, Any], *, stage: S
     dev = parse_device(device)
     plan = collection.plan(stage, outputs)
     bricks = collection.bricks()
-    with _torch_threads(threads) as n_threads, _preserved_state(collection), _on_device(collection, dev):
+    with _torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, dev):
         values = collection(_to_device(named_inputs, dev), stage=stage)
         modules = stage_modules([bricks[name] for name in plan.bricks])
         flipped = enter_modes(modules, stage.is_training)

@@ -28,7 +28,15 @@ from torch import nn
 from torchbricks_fx.bricks import STAGE_INPUT, Brick, call_without_grad, name_outputs
 from torchbricks_fx.errors import BrickGraphError
 from torchbricks_fx.plan import PLAN_HINT, StagePlan
-from torchbricks_fx.runtime import bind_steps, check_inputs, enter_modes, exit_modes, run_steps, stage_modules
+from torchbricks_fx.runtime import (
+    all_reads,
+    bind_steps,
+    check_inputs,
+    enter_modes,
+    exit_modes,
+    run_steps,
+    stage_modules,
+)
 from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = ["META_BRICK", "META_OUTPUTS", "META_VALUE", "StageModule", "build_graph_module", "compile_stage"]
@@ -87,8 +95,7 @@ def build_graph_module(plan: StagePlan, bricks: dict[str, Brick]) -> tuple[torch
         target = identifier(step.name, taken)
         root[target] = bricks[step.name].graph_module()
         if step.takes_all:
-            read = (*plan.required_inputs, *plan.all_inputs[step.name])
-            args: tuple[Any, ...] = ({n: env[n] for n in read if n in env},)
+            args: tuple[Any, ...] = ({n: env[n] for n in all_reads(plan, step) if n in env},)
         else:
             args = tuple(value(v) for v in step.args)
         kwargs = {argument: value(v) for argument, v in step.kwargs}

@@ -5,17 +5,21 @@ Kept tiny and allocation-light: this is the per-call hot path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from torchbricks_fx.bricks import Brick, name_outputs
+from torchbricks_fx.bricks import STAGE_INPUT, Brick, name_outputs
 from torchbricks_fx.errors import BrickError, BrickGraphError
 from torchbricks_fx.plan import BrickSpec, StagePlan, _closest
 
-__all__ = ["BoundStep", "bind_steps", "check_inputs", "enter_modes", "exit_modes", "run_steps", "stage_modules"]
+__all__ = ["BoundStep", "all_reads", "bind_steps", "check_inputs", "enter_modes", "exit_modes", "preserved_state",
+           "run_steps", "stage_modules", "step_arguments"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,25 @@ def run_steps(steps: Sequence[BoundStep], values: dict[str, Any], named_inputs: 
         raise
 
 
+def all_reads(plan: StagePlan, step: BrickSpec) -> tuple[str, ...]:
+    """The values an ``"all"`` brick receives in a compiled stage: the stage's external inputs, then the
+    outputs of the live bricks declared before it."""
+    return tuple(dict.fromkeys((*plan.required_inputs, *plan.all_inputs.get(step.name, ()))))
+
+
+def step_arguments(plan: StagePlan, step: BrickSpec, values: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The positional and keyword arguments ``step`` is called with, read from ``values`` (the stage constant
+    for ``"stage"``; a dict for ``"all"`` bricks).  For tools that call one brick at a time (profiling,
+    export localization); ``run_steps`` inlines the same rules on the hot path."""
+    if step.takes_all:
+        return [{name: values[name] for name in all_reads(plan, step) if name in values}], {}
+
+    def value(name: str) -> Any:
+        return plan.stage if name == STAGE_INPUT else values[name]
+
+    return [value(name) for name in step.args], {argument: value(name) for argument, name in step.kwargs}
+
+
 def check_inputs(plan: StagePlan, named_inputs: dict[str, Any]) -> None:
     """Raises a :class:`BrickGraphError` naming each missing input and the bricks that need it."""
     missing = [name for name in plan.required_inputs if name not in named_inputs]
@@ -104,3 +127,29 @@ def enter_modes(modules: Sequence[nn.Module], training: bool) -> list[nn.Module]
 def exit_modes(flipped: Sequence[nn.Module], training: bool) -> None:
     for module in flipped:
         module.training = not training
+
+
+@contextlib.contextmanager
+def preserved_state(module: nn.Module) -> Iterator[None]:
+    """Restores ``module``'s buffers (BatchNorm statistics move in TRAIN) and torchmetrics states (metric
+    bricks update in TRAIN/VALIDATION/TEST) after the block: benchmarking or verifying a stage must not
+    change the model or the metrics it has accumulated."""
+    buffers = {(m, name): b.detach().clone() for m in module.modules() for name, b in m._buffers.items()
+               if b is not None}
+    metrics: dict[Any, tuple[Any, Any, Any]] = {
+        m: (copy.deepcopy(m.metric_state), getattr(m, "_update_count", None), getattr(m, "_computed", None))
+        for m in module.modules() if hasattr(m, "metric_state") and hasattr(m, "_defaults")}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (owner, name), saved in buffers.items():
+                current = owner._buffers.get(name)
+                if current is not None:
+                    current.copy_(saved)
+        for metric, (state, update_count, computed) in metrics.items():
+            for name, value in state.items():
+                setattr(metric, name, value)
+            if update_count is not None:
+                metric._update_count = update_count
+            metric._computed = computed
