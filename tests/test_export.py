@@ -30,7 +30,7 @@ from torchbricks_fx import (
 )
 from torchbricks_fx.bag_of_bricks import ImageClassifier, Preprocessor, resnet_to_brick
 from torchbricks_fx.brick_utils import export_bricks_as_onnx
-from torchbricks_fx.export import ExportReport, _compare, tolerance
+from torchbricks_fx.export import ExportReport, _compare, compare_tensors, ort_providers, tolerance
 
 
 def seed_resnet18_collection(num_classes: int = 10) -> BrickCollection:
@@ -251,6 +251,38 @@ def test_comparison_is_dtype_aware():
     assert not _compare(torch.tensor([math.nan, 1.0]), torch.tensor([0.0, 1.0]), rtol, atol).ok
     assert not _compare(torch.zeros(3), torch.zeros(2), rtol, atol).ok
     assert not _compare(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int64), 0, 0).ok
+
+
+def test_compare_tensors_handles_infinities_nans_and_dtypes():
+    inf, nan = math.inf, math.nan
+    assert compare_tensors(torch.tensor([-inf, inf, 1.0]), torch.tensor([-inf, inf, 1.0]), "cpu") == (True, 0.0, 0.0)
+    assert compare_tensors(torch.tensor([nan, 2.0]), torch.tensor([nan, 2.0]), "cpu") == (True, 0.0, 0.0)
+    ok, max_abs, _ = compare_tensors(torch.tensor([inf, 1.0]), torch.tensor([-inf, 1.0]), "cpu")
+    assert not ok and max_abs == inf
+    ok, max_abs, max_rel = compare_tensors(torch.tensor([nan, 1.0]), torch.tensor([0.0, 1.0]), "cpu")
+    assert not ok and max_abs == inf and max_rel == inf  # a NaN difference is never an error of 0
+    ok, max_abs, _ = compare_tensors(torch.tensor([1.0, 2.0]), torch.tensor([nan, 2.0]), "cpu")
+    assert not ok and max_abs == inf
+    # the rtol term uses finite references only: an infinite reference does not excuse a finite error
+    assert not compare_tensors(torch.tensor([-inf, 5.0]), torch.tensor([-inf, 1.0]), "cpu")[0]
+    assert not compare_tensors(torch.ones(2, dtype=torch.float64), torch.ones(2), "cpu")[0]  # dtype change
+    big = torch.tensor([2**62], dtype=torch.int64)
+    ok, max_abs, _ = compare_tensors(big + 1, big, "cpu")
+    assert not ok and max_abs >= 1.0
+    assert compare_tensors(torch.tensor([1e-6, 1.0]), torch.tensor([0.0, 1.0]), "cpu")[0]
+    assert ort_providers("cpu") == ["CPUExecutionProvider"]
+
+
+class MaskedScores(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(torch.arange(x.shape[-1]) % 2 == 0, -math.inf)
+
+
+def test_outputs_with_infinities_export_and_verify(tmp_path):
+    collection = BrickCollection({"mask": BrickNotTrainable(MaskedScores(), input_names=["x"],
+                                                            output_names=["scores"])})
+    report = export_onnx(collection, tmp_path / "m.onnx", {"x": torch.rand(2, 4)})
+    assert report.verified and report.max_abs_error == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ torch.export

@@ -43,7 +43,8 @@ from torchbricks_fx.plan import BrickSpec, StagePlan
 from torchbricks_fx.runtime import bind_steps, run_steps
 from torchbricks_fx.stage import Stage, parse_stage
 
-__all__ = ["ExportReport", "OutputError", "export_onnx", "export_program", "tolerance"]
+__all__ = ["ExportReport", "OutputError", "compare_tensors", "export_onnx", "export_program", "ort_providers",
+           "tolerance"]
 
 BATCH = "batch"
 """Name of the dynamic batch dimension in exported artifacts."""
@@ -383,21 +384,46 @@ class _Diff:
 
 
 def _compare(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> _Diff:
+    """``got`` against ``want`` elementwise: equal values (equal infinities included) and NaN against NaN
+    count as no error; a NaN or infinity against anything else is an infinite error.  The rtol term uses
+    the finite ``want`` values only.  Compared in float64 (complex128) on the CPU, after the dtypes were
+    found equal, so no conversion hides a dtype change."""
     if tuple(got.shape) != tuple(want.shape):
         return _Diff(math.inf, math.inf, False, f"shape {list(got.shape)} != eager {list(want.shape)}")
     if got.dtype != want.dtype:
         return _Diff(math.inf, math.inf, False, f"dtype {got.dtype} != eager {want.dtype}")
     if not want.numel():
         return _Diff(0.0, 0.0, True)
-    got64, want64 = got.detach().cpu().double(), want.detach().cpu().double()
-    both_nan = torch.isnan(got64) & torch.isnan(want64)
-    diff = torch.where(both_nan, torch.zeros_like(got64), (got64 - want64).abs())
-    diff = torch.nan_to_num(diff, nan=math.inf)
-    finite = want64[torch.isfinite(want64)]
-    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    got, want = got.detach().cpu(), want.detach().cpu()
+    if not (want.is_floating_point() or want.is_complex()):  # integers and bool: exact
+        equal = bool(torch.equal(got, want))
+        max_abs = float((got.double() - want.double()).abs().max())
+        max_abs = max_abs if equal else max(max_abs, 1.0)  # float64 rounds large int64 differences to 0
+        scale = float(want.double().abs().max())
+        return _Diff(max_abs, max_abs / scale if scale > 0 else max_abs, equal)
+    wide = torch.complex128 if want.is_complex() else torch.float64
+    got64, want64 = got.to(wide), want.to(wide)
+    same = (got64 == want64) | (torch.isnan(got64) & torch.isnan(want64))  # == covers equal infinities
+    diff = torch.where(same, torch.zeros((), dtype=torch.float64), (got64 - want64).abs())
+    diff = torch.nan_to_num(diff, nan=math.inf, posinf=math.inf)  # one-sided NaN: an error, never 0
+    finite = torch.isfinite(want64)
+    magnitude = torch.where(finite, want64.abs(), torch.zeros((), dtype=torch.float64))
+    scale = float(magnitude.max())
     max_abs = float(diff.max())
-    ok = bool((diff <= atol * max(1.0, scale) + rtol * want64.abs().nan_to_num(0.0)).all())
+    ok = bool((diff <= atol * max(1.0, scale) + rtol * magnitude).all())
     return _Diff(max_abs, max_abs / scale if scale > 0 else max_abs, ok)
+
+
+def compare_tensors(got: torch.Tensor, want: torch.Tensor,
+                    device: torch.device | str = "cpu") -> tuple[bool, float, float]:
+    """``(ok, max_abs_error, max_rel_error)`` of ``got`` against the reference ``want``, with export's
+    tolerance for ``want``'s dtype on ``device`` (see :func:`tolerance`).
+
+    Equal infinities and NaN against NaN are no error (a ``masked_fill(-inf)`` output compares equal);
+    a different shape or dtype is a mismatch with infinite error; the relative term uses finite ``want``
+    values only; ``max_rel_error`` is the largest absolute error over ``want``'s largest finite magnitude."""
+    diff = _compare(got, want, *tolerance(want.dtype, device))
+    return diff.ok, diff.max_abs, diff.max_rel
 
 
 def _output_errors(runs: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]],
@@ -628,10 +654,13 @@ def _onnx_names(path: Path) -> tuple[list[str], list[str], int | None]:
     return [i.name for i in model.graph.input], [o.name for o in model.graph.output], opset
 
 
-def _providers(device: torch.device) -> list[Any]:
-    """CUDA execution provider for CUDA inputs when this onnxruntime has it; CPU otherwise (and as fallback)."""
+def ort_providers(device: torch.device | str) -> list[Any]:
+    """The onnxruntime execution providers for inputs on ``device``: CUDA (TF32 off, ``use_tf32="0"``, so
+    results match the float32 numerics export verified) when ``device`` is CUDA and this onnxruntime has it,
+    then CPU as fallback; CPU only otherwise."""
     import onnxruntime as ort
 
+    device = torch.device(device)
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         options = {"device_id": str(device.index or 0), "use_tf32": "0"}
         return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
@@ -657,7 +686,7 @@ def _verify_onnx(path: Path, target: _Target, runs: Sequence[tuple[tuple[torch.T
 
     device = runs[0][0][0].device if runs[0][0] else torch.device("cpu")
     try:
-        session = ort.InferenceSession(str(path), providers=_providers(device))
+        session = ort.InferenceSession(str(path), providers=ort_providers(device))
         dropped = [n for n in target.input_names if n not in {i.name for i in session.get_inputs()}]
         if dropped:
             warnings.warn(f"The ONNX file has no input {dropped}: the exporter found that no output depends on "
