@@ -14,6 +14,7 @@ from torchbricks_fx import BrickCollection, BrickError, Stage, compile_stage
 from torchbricks_fx.bag_of_bricks import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Backbone,
     BackboneResnet,
     ImageClassifier,
     Preprocessor,
@@ -64,6 +65,15 @@ def test_preprocessor_scales_uint8_input() -> None:
 def test_preprocessor_refuses_unscaled_integers() -> None:
     with pytest.raises(BrickError, match="uint8_input=True"):
         Preprocessor()(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+
+
+def test_preprocessor_uint8_input_refuses_float_images() -> None:
+    """Float images are already in [0, 1]: dividing them by 255 again would silently give ~0."""
+    preprocessor = Preprocessor(uint8_input=True)
+    with pytest.raises(BrickError, match=r"uint8_input=True\) got torch\.float32.*uint8.*uint8_input=False"):
+        preprocessor(images())
+    with pytest.raises(BrickError, match="torch.int64"):
+        preprocessor((images() * 255).long())
 
 
 def test_preprocessor_configuration_errors() -> None:
@@ -122,6 +132,16 @@ def test_backbone_resnet_is_the_resnet_before_pooling(name: str, n_features: int
     torch.testing.assert_close(torch.flatten(features, 1), resnet(x))
 
 
+@pytest.mark.parametrize(("name", "n_features"), [("resnet18", 512), ("resnet50", 2048)])
+def test_backbone_resnet_width_comes_from_layer4_not_fc(name: str, n_features: int) -> None:
+    """A user who already dropped the classifier (resnet.fc = nn.Identity()) can still wrap the ResNet."""
+    resnet = torchvision.models.get_model(name, weights=None, num_classes=7)
+    resnet.fc = nn.Identity()
+    brick = resnet_to_brick(resnet, input_name="normalized", output_name="features")
+    assert brick.model.n_backbone_features == n_features
+    assert brick.model.eval()(images()).shape[1] == n_features
+
+
 def test_resnet_to_brick_shares_the_resnet_weights() -> None:
     resnet = torchvision.models.resnet18(weights=None)
     brick = resnet_to_brick(resnet, input_name="normalized", output_name="features")
@@ -134,6 +154,7 @@ def test_resnet_to_brick_shares_the_resnet_weights() -> None:
 def test_backbone_brick_returns_feature_maps(name: str) -> None:
     brick = backbone_brick(name, input_name="normalized", output_name="features")
     model = brick.model.eval()
+    assert isinstance(model, Backbone)
     features = model(images(size=64))
     assert features.dim() == 4
     assert features.shape[:2] == (2, model.n_backbone_features)
@@ -174,6 +195,16 @@ def test_image_classifier_outputs() -> None:
     assert flat(torch.randn(3, 8))[0].shape == (3, 4)
 
 
+def test_image_classifier_without_pooling_flattens_like_torchbricks() -> None:
+    """Already pooled maps (N, C, 1, 1) must give (N, num_classes) logits, not (N, C, 1, num_classes)."""
+    head = ImageClassifier(num_classes=4, n_features=8, use_average_pooling=False)
+    features = torch.randn(3, 8, 1, 1)
+    logits, probabilities, prediction = head(features)
+    assert logits.shape == probabilities.shape == (3, 4)
+    assert prediction.shape == (3,)
+    torch.testing.assert_close(logits, ImageClassifier.forward(head, features.flatten(1))[0])
+
+
 def test_head_arguments_are_checked() -> None:
     with pytest.raises(BrickError, match="num_classes must be a positive integer"):
         ImageClassifier(num_classes=0, n_features=8)
@@ -200,6 +231,14 @@ def test_image_classification_bricks_all_stages() -> None:
     assert outputs["loss_ce"].requires_grad
     outputs["loss_ce"].backward()
     assert set(collection.summarize(Stage.TRAIN)) == {"accuracy", "f1"}
+
+
+def test_classification_accuracy_is_the_fraction_correct() -> None:
+    """"accuracy" is correct / total (micro), not the mean per-class recall (torchmetrics' macro default)."""
+    metrics = classification_head_bricks(num_classes=3, n_features=8)["metrics"]
+    # 3 of 4 right; the per-class recalls are 0 (class 0) and 1 (class 1): macro would give 0.5.
+    metrics.metrics["VALIDATION"].update(torch.tensor([1, 1, 1, 1]), torch.tensor([0, 1, 1, 1]))
+    assert float(metrics.summarize(Stage.VALIDATION, reset=True)["accuracy"]) == pytest.approx(0.75)
 
 
 def test_image_classification_bricks_eager_equals_compiled() -> None:
@@ -241,6 +280,21 @@ def test_segmentation_ignore_index() -> None:
     masks[:, :4] = 1
     outputs = collection({"raw": images(), "masks": masks}, Stage.VALIDATION)
     assert torch.isfinite(outputs["loss_segmentation"])
+    assert 0 <= float(collection.summarize(Stage.VALIDATION, reset=True)["pixel_accuracy"]) <= 1
+
+
+def test_segmentation_metrics_skip_ignored_pixels_with_the_default_ignore_index() -> None:
+    """Masks with -100 (the loss's default ignore value) must not break the metrics, and ignored pixels must
+    not count: a prediction right on every labelled pixel has pixel accuracy 1."""
+    group = segmentation_head_bricks(num_classes=3, n_features=8)
+    masks = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+    predictions = masks.clone()
+    masks[:, :3] = -100
+    predictions[:, :3] = 0
+    group["metrics"].metrics["VALIDATION"].update(predictions, masks)
+    metrics = group["metrics"].summarize(Stage.VALIDATION, reset=True)
+    assert float(metrics["pixel_accuracy"]) == pytest.approx(1.0)
+    assert float(metrics["jaccard"]) == pytest.approx(1.0)
 
 
 def test_head_groups_nest_under_different_keys() -> None:

@@ -6,6 +6,7 @@ torchvision and torchmetrics are imported only when a backbone or a ready-made c
 from __future__ import annotations
 
 from torchbricks_fx.bag_of_bricks.backbones import (
+    Backbone,
     BackboneResnet,
     BackboneTorchvision,
     backbone_brick,
@@ -25,6 +26,7 @@ from torchbricks_fx.bag_of_bricks.tasks import (
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "Backbone",
     "BackboneResnet",
     "BackboneTorchvision",
     "ImageClassifier",

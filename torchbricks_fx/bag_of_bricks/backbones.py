@@ -6,6 +6,7 @@ passes ``weights``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,15 +19,25 @@ from torchbricks_fx.errors import BrickError
 if TYPE_CHECKING:
     from torchvision.models import ResNet
 
-__all__ = ["BackboneResnet", "BackboneTorchvision", "backbone_brick", "backbone_names", "resnet_to_brick",
-           "torchvision_backbone"]
+__all__ = ["Backbone", "BackboneResnet", "BackboneTorchvision", "backbone_brick", "backbone_names",
+           "resnet_to_brick", "torchvision_backbone"]
 
 
-class BackboneResnet(nn.Module):
+class Backbone(nn.Module):
+    """Base of the backbones here: images ``(N, 3, H, W)`` -> feature maps ``(N, n_backbone_features, h, w)``.
+    A head reads ``n_backbone_features`` for its input width."""
+
+    n_backbone_features: int
+
+
+class BackboneResnet(Backbone):
     """A torchvision ResNet without its pooling and classifier: images -> layer4 feature maps.
 
     ``n_backbone_features`` is the number of channels of those maps (512 for resnet18/34, 2048 for
-    resnet50 and deeper).  The ResNet's own layers are reused (shared), so its weights stay loadable.
+    resnet50 and deeper), read from layer4 (``resnet.fc`` may have been replaced, e.g. by ``nn.Identity()``).
+    The ResNet's own layers are reused (shared), so its weights stay loadable.  The state-dict keys are
+    ``conv1.weight``, ``layer4.1.bn2.weight``, ... (no ``resnet.`` prefix, no ``fc``): torchbricks'
+    checkpoints need their keys mapped.
     """
 
     def __init__(self, resnet: ResNet) -> None:
@@ -39,12 +50,23 @@ class BackboneResnet(nn.Module):
         self.layer2 = resnet.layer2
         self.layer3 = resnet.layer3
         self.layer4 = resnet.layer4
-        # The classifier's input width is the channel count of layer4's output.
-        self.n_backbone_features: int = resnet.fc.in_features
+        self.n_backbone_features = _resnet_width(resnet)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _resnet_width(resnet: ResNet) -> int:
+    """Channels of layer4's output: the last norm of its last block (bn3 in Bottleneck, bn2 in BasicBlock)."""
+    last_block = resnet.layer4[-1]
+    norm = getattr(last_block, "bn3", None)
+    if norm is None:
+        norm = getattr(last_block, "bn2", None)
+    if not isinstance(norm, nn.BatchNorm2d):
+        raise BrickError(f"BackboneResnet: layer4's last block {type(last_block).__name__} has neither bn3 nor bn2 "
+                         f"as a BatchNorm2d; cannot tell the feature width.")
+    return norm.num_features
 
 
 def resnet_to_brick(resnet: ResNet, input_name: str, output_name: str) -> BrickTrainable:
@@ -53,7 +75,7 @@ def resnet_to_brick(resnet: ResNet, input_name: str, output_name: str) -> BrickT
     return BrickTrainable(BackboneResnet(resnet), input_names=[input_name], output_names=[output_name])
 
 
-class BackboneTorchvision(nn.Module):
+class BackboneTorchvision(Backbone):
     """Feature maps ``(N, n_backbone_features, h, w)`` from the layers of a torchvision classification model
     that come before its global pooling and classifier."""
 
@@ -94,14 +116,19 @@ _FAMILIES: dict[str, Callable[[Any], nn.Module]] = {
 
 def backbone_names() -> list[str]:
     """The torchvision classification models that ``backbone_brick`` accepts."""
+    return list(_backbone_families())
+
+
+@functools.cache
+def _backbone_families() -> dict[str, str]:
+    """Each accepted model name and its family (a key of ``_FAMILIES``), computed once per process."""
     from torchvision import models
 
-    return [name for name in models.list_models(module=models) if _family(name) is not None]
-
-
-def _family(name: str) -> str | None:
     # Longest prefix first: "resnext" must not match "resnet".
-    return next((f for f in sorted(_FAMILIES, key=len, reverse=True) if name.startswith(f)), None)
+    prefixes = sorted(_FAMILIES, key=len, reverse=True)
+    families = {name: next((p for p in prefixes if name.startswith(p)), None)
+                for name in models.list_models(module=models)}
+    return {name: family for name, family in families.items() if family is not None}
 
 
 def _count_channels(layers: nn.Module) -> int:
@@ -115,7 +142,7 @@ def _count_channels(layers: nn.Module) -> int:
         layers.train(was_training)
 
 
-def torchvision_backbone(name: str, weights: Any = None, **model_kwargs: Any) -> nn.Module:
+def torchvision_backbone(name: str, weights: Any = None, **model_kwargs: Any) -> Backbone:
     """A torchvision classification model ``name`` cut before its pooling, with ``n_backbone_features``.
 
     ``weights=None`` (default) initializes randomly and downloads nothing; pass a torchvision weights enum or
@@ -123,15 +150,11 @@ def torchvision_backbone(name: str, weights: Any = None, **model_kwargs: Any) ->
     """
     from torchvision import models
 
-    valid = backbone_names()
-    if name not in valid:
-        raise BrickError(f"Unknown backbone {name!r}. Valid backbones: {', '.join(valid)}.")
-    model = models.get_model(name, weights=weights, **model_kwargs)
-    family = _family(name)
-    if family is None:  # unreachable after the check above; keeps the type checker informed
-        raise BrickError(f"Unknown backbone {name!r}.")
-    layers = _FAMILIES[family](model)
-    if isinstance(layers, BackboneResnet):
+    family = _backbone_families().get(name)
+    if family is None:
+        raise BrickError(f"Unknown backbone {name!r}. Valid backbones: {', '.join(backbone_names())}.")
+    layers = _FAMILIES[family](models.get_model(name, weights=weights, **model_kwargs))
+    if isinstance(layers, Backbone):
         return layers
     return BackboneTorchvision(layers, _count_channels(layers), name)
 

@@ -21,7 +21,8 @@ class ImageClassifier(nn.Module):
     """Backbone feature maps ``(N, C, H, W)`` -> ``(logits, probabilities, class_prediction)``.
 
     Features are average-pooled over space first unless ``use_average_pooling=False`` (then the input must
-    already be ``(N, n_features)``).
+    already hold ``n_features`` values per sample, e.g. ``(N, n_features)`` or ``(N, n_features, 1, 1)``);
+    either way they are flattened to ``(N, n_features)``, as in torchbricks.
     """
 
     def __init__(self, num_classes: int, n_features: int, use_average_pooling: bool = True) -> None:
@@ -33,7 +34,8 @@ class ImageClassifier(nn.Module):
     def forward(self, backbone_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = backbone_features
         if self.use_average_pooling:
-            x = torch.flatten(F.adaptive_avg_pool2d(x, 1), start_dim=1)
+            x = F.adaptive_avg_pool2d(x, 1)
+        x = torch.flatten(x, start_dim=1)
         logits = self.fc(x)
         probabilities = torch.softmax(logits, dim=1)
         class_prediction = torch.argmax(logits, dim=1)

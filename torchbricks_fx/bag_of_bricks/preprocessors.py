@@ -18,8 +18,9 @@ IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 class Preprocessor(nn.Module):
     """Normalizes images ``(N, C, H, W)`` per channel: ``(x - mean) / std``.
 
-    With ``uint8_input=True`` the input is expected as ``uint8`` in ``[0, 255]`` and is scaled to
-    ``[0, 1]`` first (e.g. images straight from a decoder, or an exported model fed raw pixels).
+    With ``uint8_input=True`` the input must be ``uint8`` in ``[0, 255]`` and is scaled to ``[0, 1]`` first
+    (e.g. images straight from a decoder, or an exported model fed raw pixels); any other dtype is a
+    ``BrickError``, as are integer images without it.
     """
 
     mean: torch.Tensor
@@ -41,6 +42,11 @@ class Preprocessor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.uint8_input:
+            if images.dtype != torch.uint8:
+                # Dividing float images (already in [0, 1]) by 255 again would silently darken them to ~0.
+                raise BrickError(f"Preprocessor(uint8_input=True) got {images.dtype} images; pass uint8 pixels "
+                                 f"in [0, 255], or build it with Preprocessor(uint8_input=False) for floats in "
+                                 f"[0, 1].")
             images = images.to(self.mean.dtype) / 255.0
         elif not images.is_floating_point():
             # Normalizing integer pixels without scaling would silently give values ~255x too large.

@@ -3,6 +3,13 @@
 Every value a group produces is named relatively (``"./logits"``), so a group can be nested under any key
 of a parent collection: nested under ``"cls"`` its logits are ``"cls/logits"``, at the root plain
 ``"logits"``.  External inputs (images, targets) are plain names, shared by every group.
+
+A group reads the values it does not produce by the names you pass: nested next to a shared backbone and
+preprocessor, pass ``features_name="../features"`` and, for ``segmentation_head_bricks``,
+``image_name="../normalized"`` (its default ``"./normalized"`` names a value of its own group).
+
+Losses are alive in TRAIN, VALIDATION and TEST, so ``BrickLightningModule`` logs them in every stage;
+metrics are summarized per group (``"cls/accuracy"``).
 """
 
 from __future__ import annotations
@@ -11,12 +18,11 @@ from typing import Any
 
 from torch import nn
 
-from torchbricks_fx.bag_of_bricks.backbones import backbone_brick
+from torchbricks_fx.bag_of_bricks.backbones import torchvision_backbone
 from torchbricks_fx.bag_of_bricks.heads import ImageClassifier, SegmentationHead
 from torchbricks_fx.bag_of_bricks.preprocessors import Preprocessor
-from torchbricks_fx.bricks import BrickLoss, BrickMetrics, BrickModule, BrickNotTrainable, BrickTrainable
+from torchbricks_fx.bricks import BrickLoss, BrickMetrics, BrickNotTrainable, BrickTrainable
 from torchbricks_fx.collection import BrickCollection
-from torchbricks_fx.errors import BrickError
 
 __all__ = [
     "classification_head_bricks",
@@ -28,34 +34,29 @@ __all__ = [
 
 def _backbone_bricks(backbone: str, weights: Any, input_name: str, uint8_input: bool,
                      trainable_backbone: bool) -> tuple[dict[str, Any], int]:
-    backbone_ = backbone_brick(backbone, input_name="./normalized", output_name="./features", weights=weights,
-                               trainable=trainable_backbone)
+    model = torchvision_backbone(backbone, weights=weights)
+    brick_class = BrickTrainable if trainable_backbone else BrickNotTrainable
     bricks = {
         "preprocessor": BrickNotTrainable(Preprocessor(uint8_input=uint8_input), input_names=[input_name],
                                           output_names=["./normalized"]),
-        "backbone": backbone_,
+        "backbone": brick_class(model, input_names=["./normalized"], output_names=["./features"]),
     }
-    return bricks, _n_features(backbone_)
-
-
-def _n_features(brick: BrickModule) -> int:
-    n_features = brick.model.n_backbone_features
-    if not isinstance(n_features, int):
-        raise BrickError(f"Backbone {type(brick.model).__name__} has no integer n_backbone_features.")
-    return n_features
+    return bricks, model.n_backbone_features
 
 
 def classification_head_bricks(num_classes: int, n_features: int, features_name: str = "./features",
                                target_name: str = "targets") -> dict[str, Any]:
-    """Classifier head, cross-entropy loss and metrics (accuracy, macro F1) as a group of bricks.
+    """Classifier head, cross-entropy loss and metrics as a group of bricks.
 
-    Produces ``./logits``, ``./probabilities``, ``./class_prediction`` and the loss ``./loss_ce``.  Nest it
-    under a key next to a backbone with ``features_name="../features"``.
+    Metrics: ``accuracy`` (the fraction of samples classified correctly, i.e. micro-averaged) and ``f1``
+    (macro-averaged over classes).  Produces ``./logits``, ``./probabilities``, ``./class_prediction`` and
+    the loss ``./loss_ce``.  Nest it under a key next to a backbone with ``features_name="../features"``.
     """
     from torchmetrics import MetricCollection
     from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-    metrics = MetricCollection({"accuracy": MulticlassAccuracy(num_classes=num_classes),
+    # "accuracy" means correct / total; MulticlassAccuracy's default (macro) is the mean per-class recall.
+    metrics = MetricCollection({"accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
                                 "f1": MulticlassF1Score(num_classes=num_classes)})
     return {
         "head": BrickTrainable(ImageClassifier(num_classes=num_classes, n_features=n_features),
@@ -72,16 +73,18 @@ def segmentation_head_bricks(num_classes: int, n_features: int, features_name: s
     """Segmentation head (1x1 conv, upsampled to the image size), pixel cross-entropy loss and metrics
     (mean IoU, pixel accuracy) as a group of bricks.
 
-    Targets are ``(N, H, W)`` integer class maps.  Produces ``./logits`` ``(N, num_classes, H, W)``,
-    ``./class_prediction`` ``(N, H, W)`` and the loss ``./loss_segmentation``.
+    Targets are ``(N, H, W)`` integer class maps; pixels equal to ``ignore_index`` count neither in the loss
+    nor in the metrics.  Produces ``./logits`` ``(N, num_classes, H, W)``, ``./class_prediction``
+    ``(N, H, W)`` and the loss ``./loss_segmentation``.  The head reads the image (for its size) from
+    ``image_name``: nested under a key next to a shared preprocessor, pass ``image_name="../normalized"``
+    (and ``features_name="../features"``).
     """
     from torchmetrics import MetricCollection
     from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-    ignore = None if ignore_index == -100 else ignore_index
     metrics = MetricCollection({
-        "jaccard": MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore),
-        "pixel_accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore),
+        "jaccard": MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index),
+        "pixel_accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore_index),
     })
     return {
         "head": BrickTrainable(SegmentationHead(num_classes=num_classes, n_features=n_features),
