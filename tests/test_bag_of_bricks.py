@@ -72,7 +72,7 @@ def test_preprocessor_uint8_input_refuses_float_images() -> None:
     preprocessor = Preprocessor(uint8_input=True)
     with pytest.raises(BrickError, match=r"uint8_input=True\) got torch\.float32.*uint8.*uint8_input=False"):
         preprocessor(images())
-    with pytest.raises(BrickError, match="torch.int64"):
+    with pytest.raises(BrickError, match=r"torch\.int64"):
         preprocessor((images() * 255).long())
 
 
