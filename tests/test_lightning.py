@@ -13,9 +13,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
+from torchmetrics import Metric  # noqa: E402
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix  # noqa: E402
 
-from torchbricks_fx import BrickCollection, BrickError, BrickLoss, BrickMetricSingle, BrickTrainable  # noqa: E402
+from torchbricks_fx import (  # noqa: E402
+    BrickCollection,
+    BrickError,
+    BrickLoss,
+    BrickMetricSingle,
+    BrickTrainable,
+    Stage,
+)
 from torchbricks_fx.lightning import BrickLightningModule  # noqa: E402
 
 # Some tests call the steps directly, outside a Trainer, where self.log() warns and does nothing.
@@ -82,14 +90,14 @@ def test_losses_decrease_and_are_logged_per_stage() -> None:
     assert last < 0.5 * first, recorder.losses
     logged = fit.logged_metrics
     # Both nested heads' losses, resolved to where they sit, plus the total.
-    for key in ("train/a/loss_ce_epoch", "train/b/loss_ce_epoch", "train/loss_epoch", "validation/a/loss_ce",
-                "validation/loss"):
+    for key in ("train/a/loss_ce_epoch", "train/b/loss_ce_epoch", "train/total_loss_epoch", "train/total_loss_step",
+                "validation/a/loss_ce", "validation/total_loss"):
         assert key in logged, sorted(logged)
     # Metrics per stage and per nested head, after learning the blobs.
     assert float(logged["validation/a/accuracy"]) > 0.9
     assert float(logged["validation/b/accuracy"]) > 0.9
     assert "train/a/accuracy" in logged
-    total = float(logged["validation/loss"])
+    total = float(logged["validation/total_loss"])
     assert total == pytest.approx(float(logged["validation/a/loss_ce"]) + float(logged["validation/b/loss_ce"]),
                                   rel=1e-4)
 
@@ -99,7 +107,7 @@ def test_test_and_predict_stages() -> None:
     runner = trainer(max_epochs=1)
     loader = DataLoader(blobs(32), batch_size=16)
     results = runner.test(module, dataloaders=loader, verbose=False)
-    assert {"test/loss", "test/a/accuracy", "test/b/accuracy"} <= set(results[0])
+    assert {"test/total_loss", "test/a/accuracy", "test/b/accuracy"} <= set(results[0])
 
     predictions = runner.predict(module, dataloaders=loader)
     assert predictions is not None and len(predictions) == 2
@@ -206,3 +214,154 @@ def test_non_scalar_losses_are_an_error() -> None:
     })
     with pytest.raises(BrickError, match=r"Losses must be scalars.*'loss_ce': \(8,\)"):
         BrickLightningModule(collection, sgd()).training_step(blobs(8)[:], 0)
+
+
+# ------------------------------------------------------------------------------------------------ logged keys
+def test_a_loss_named_loss_does_not_clash_with_the_total() -> None:
+    """The total is logged as "<stage>/total_loss", so a loss output named "loss" logs fine."""
+    collection = BrickCollection({
+        "fc": BrickTrainable(nn.Linear(N_FEATURES, N_CLASSES), ["raw"], ["logits"]),
+        "ce": BrickLoss(nn.CrossEntropyLoss(), ["logits", "targets"], ["loss"]),
+    })
+    fit = trainer(max_epochs=1)
+    fit.fit(BrickLightningModule(collection, sgd()), train_dataloaders=DataLoader(blobs(32), batch_size=16),
+            val_dataloaders=DataLoader(blobs(16), batch_size=16))
+    logged = fit.logged_metrics
+    for key in ("train/loss_step", "train/loss_epoch", "train/total_loss_step", "train/total_loss_epoch",
+                "validation/loss", "validation/total_loss"):
+        assert key in logged, sorted(logged)
+
+
+def test_a_loss_named_total_loss_is_a_clear_error() -> None:
+    collection = BrickCollection({
+        "fc": BrickTrainable(nn.Linear(N_FEATURES, N_CLASSES), ["raw"], ["logits"]),
+        "ce": BrickLoss(nn.CrossEntropyLoss(), ["logits", "targets"], ["total_loss"]),
+    })
+    with pytest.raises(BrickError, match=r"named 'total_loss'.*rename"):
+        BrickLightningModule(collection, sgd()).training_step(blobs(4)[:], 0)
+
+
+def test_train_logs_step_values_unsynced_and_epoch_values_synced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP, sync_dist on a step value all-reduces at every step; only epoch values are synchronized."""
+    module = BrickLightningModule(make_collection(), sgd())
+    calls: dict[str, dict[str, Any]] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: calls.__setitem__(name, kwargs))
+    module.training_step(blobs(8)[:], 0)
+    for key in ("train/a/loss_ce_step", "train/total_loss_step"):
+        assert calls[key]["on_step"] and not calls[key]["on_epoch"] and not calls[key]["sync_dist"], key
+    for key in ("train/a/loss_ce_epoch", "train/total_loss_epoch"):
+        assert not calls[key]["on_step"] and calls[key]["on_epoch"] and calls[key]["sync_dist"], key
+    calls.clear()
+    module.validation_step(blobs(8)[:], 0)
+    assert set(calls) == {"validation/a/loss_ce", "validation/b/loss_ce", "validation/total_loss"}
+    assert all(not kw["on_step"] and kw["on_epoch"] and kw["sync_dist"] for kw in calls.values())
+
+
+# ------------------------------------------------------------------------------------------------ loss-free stages
+def losses_in_train_metrics_in_validation() -> BrickCollection:
+    torch.manual_seed(0)
+    return BrickCollection({
+        "fc": BrickTrainable(nn.Linear(N_FEATURES, N_CLASSES), ["raw"], ["logits"]),
+        "loss": BrickLoss(nn.CrossEntropyLoss(), ["logits", "targets"], ["loss_ce"], alive_stages=[Stage.TRAIN]),
+        "accuracy": BrickMetricSingle(MulticlassAccuracy(num_classes=N_CLASSES), ["logits", "targets"],
+                                      metric_name="accuracy", alive_stages=[Stage.VALIDATION, Stage.TEST]),
+    })
+
+
+def test_validation_and_test_need_no_loss() -> None:
+    module = BrickLightningModule(losses_in_train_metrics_in_validation(), sgd())
+    assert module.validation_step(blobs(8)[:], 0) is None
+    assert module.test_step(blobs(8)[:], 0) is None
+    fit = trainer(max_epochs=2)
+    fit.fit(module, train_dataloaders=DataLoader(blobs(), batch_size=16),
+            val_dataloaders=DataLoader(blobs(32), batch_size=16))
+    logged = fit.logged_metrics
+    assert "validation/accuracy" in logged and "train/loss_ce_epoch" in logged
+    assert not any(key.startswith("validation/") and "loss" in key for key in logged), sorted(logged)
+    results = fit.test(module, dataloaders=DataLoader(blobs(32), batch_size=16), verbose=False)
+    assert set(results[0]) == {"test/accuracy"}
+
+
+# ------------------------------------------------------------------------------------------------ stage cache
+def test_unrelated_bricks_built_elsewhere_do_not_rebuild_the_stage_modules() -> None:
+    module = BrickLightningModule(make_collection(), sgd())
+    x, y = blobs(8)[:]
+    module.training_step((x, y), 0)
+    train_module = module.stage_module(Stage.TRAIN)
+    unrelated = BrickCollection({"other": BrickTrainable(nn.Linear(2, 2), ["u"], ["v"])})  # bumps the global version
+    unrelated["more"] = BrickTrainable(nn.Linear(2, 2), ["v"], ["w"])
+    module.training_step((x, y), 0)
+    assert module.stage_module(Stage.TRAIN) is train_module
+    assert module.stage_module("train") is train_module  # a stage's name shares the entry
+    assert len(module._stage_modules) == 1
+
+
+def test_swapping_a_bricks_model_rebuilds_the_stage_module() -> None:
+    module = BrickLightningModule(make_collection(), sgd())
+    x = blobs(8)[:][0]
+    before = module({"raw": x})["a/logits"]
+    inference_module = module.stage_module(Stage.INFERENCE)
+    replacement = nn.Linear(8, N_CLASSES)
+    nn.init.zeros_(replacement.weight)
+    nn.init.constant_(replacement.bias, 5.0)
+    module.collection["a"]["fc"].model = replacement
+    after = module({"raw": x})["a/logits"]
+    assert module.stage_module(Stage.INFERENCE) is not inference_module
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, torch.full((8, N_CLASSES), 5.0))
+
+
+# ------------------------------------------------------------------------------------------------ predict outputs
+def test_predict_returns_the_selected_outputs() -> None:
+    module = BrickLightningModule(make_collection(), sgd(), outputs={"inference": ["a/logits"]})
+    predictions = trainer(max_epochs=1).predict(module, dataloaders=DataLoader(blobs(32), batch_size=16))
+    assert predictions is not None and len(predictions) == 2
+    assert all(set(prediction) == {"a/logits"} for prediction in predictions)
+    assert predictions[0]["a/logits"].shape == (16, N_CLASSES)
+    # Other stages keep every value.
+    assert "b/logits" in module.stage_module(Stage.TRAIN)({"raw": blobs(4)[:][0], "targets": blobs(4)[:][1]})
+
+
+def test_outputs_with_an_unknown_stage_name_is_an_error() -> None:
+    with pytest.raises(BrickError, match="Unknown stage 'inferenc'"):
+        BrickLightningModule(make_collection(), sgd(), outputs={"inferenc": ["a/logits"]})
+
+
+# ------------------------------------------------------------------------------------------------ metric values
+class Constant(Metric):
+    """A metric whose result is a fixed value (a matrix, a dict, ...)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, *args: Any) -> None:
+        self.count += 1
+
+    def compute(self) -> Any:
+        return self.value
+
+
+def test_metrics_log_0d_and_1d_tensors_and_warn_once_for_others() -> None:
+    collection = BrickCollection({
+        "fc": BrickTrainable(nn.Linear(N_FEATURES, N_CLASSES), ["raw"], ["logits"]),
+        "loss": BrickLoss(nn.CrossEntropyLoss(), ["logits", "targets"], ["loss_ce"]),
+        "per_class": BrickMetricSingle(MulticlassAccuracy(num_classes=N_CLASSES, average="none"),
+                                       ["logits", "targets"], metric_name="per_class"),
+        "confusion": BrickMetricSingle(MulticlassConfusionMatrix(num_classes=N_CLASSES), ["logits", "targets"],
+                                       metric_name="confusion"),
+        "label": BrickMetricSingle(Constant("a string"), ["logits"], metric_name="label"),
+    })
+    fit = trainer(max_epochs=2)
+    with pytest.warns(UserWarning) as record:
+        fit.fit(BrickLightningModule(collection, sgd()), train_dataloaders=DataLoader(blobs(32), batch_size=16),
+                val_dataloaders=DataLoader(blobs(16), batch_size=16))
+    logged = fit.logged_metrics
+    assert {f"validation/per_class/{i}" for i in range(N_CLASSES)} <= set(logged)
+    assert not any("confusion" in key or "label" in key for key in logged), sorted(logged)
+    messages = [str(w.message) for w in record if "is not logged" in str(w.message)]
+    assert len([m for m in messages if "confusion" in m]) == 1, messages  # once, over stages and epochs
+    assert len([m for m in messages if "label" in m]) == 1, messages
+    assert any(f"shape ({N_CLASSES}, {N_CLASSES})" in m for m in messages)
+    assert any("a str" in m for m in messages)

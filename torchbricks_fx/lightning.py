@@ -2,8 +2,21 @@
 
 :class:`BrickLightningModule` injects a collection into Lightning: each step runs the compiled stage for
 that step (``training_step``: TRAIN, ``validation_step``: VALIDATION, ``test_step``: TEST,
-``predict_step``: INFERENCE), sums the stage's losses, logs every loss under ``"<stage>/<loss name>"`` and,
-at the end of each epoch, the stage's metrics under ``"<stage>/<metric name>"``.
+``predict_step``: INFERENCE), sums the stage's losses and logs them, and logs the stage's metrics at the end
+of each epoch.
+
+Logged keys (``<stage>`` is ``train``, ``validation`` or ``test``):
+
+- ``"<stage>/<loss name>"`` for every loss and ``"<stage>/total_loss"`` for their sum (a key no loss name can
+  take, so a loss output named ``"loss"`` is fine).  In TRAIN each comes twice: ``..._step`` (this process's
+  value at every step, not synchronized) and ``..._epoch`` (the epoch mean, averaged over processes once per
+  epoch); in VALIDATION and TEST only the epoch value, without a suffix.
+- ``"<stage>/<metric name>"`` for every metric at epoch end; a 1-D metric (per class) as
+  ``"<stage>/<metric name>/<index>"``.  Other results (matrices, non-tensors) are not logged; a warning names
+  each such metric once.
+
+Only TRAIN needs a loss; VALIDATION and TEST log the losses alive there, if any (a collection may keep its
+losses in TRAIN and its metrics in VALIDATION).
 
 Scaling out: the module works with ``Trainer(strategy="ddp", devices=N)`` (one process per device, on one or
 many machines).  The collection is a registered submodule, so DDP synchronizes its gradients; torchmetrics
@@ -14,20 +27,24 @@ brick does not run in the TRAIN stage (e.g. a head alive only in INFERENCE), use
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from torchbricks_fx.bricks import structure_version
 from torchbricks_fx.collection import BrickCollection
 from torchbricks_fx.errors import BrickError
-from torchbricks_fx.fx import StageModule, compile_stage
-from torchbricks_fx.stage import Stage
+from torchbricks_fx.fx import compile_stage
+from torchbricks_fx.plan import StagePlan
+from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = ["BrickLightningModule", "OptimizerFactory"]
+
+_TOTAL_LOSS = "total_loss"  # logged key of the losses' sum; "loss" would clash with a loss named "loss"
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Any]
 """Takes the trainable parameters; returns whatever ``LightningModule.configure_optimizers`` may return
@@ -35,13 +52,31 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], Any]
 ``functools.partial(torch.optim.SGD, lr=0.1)``."""
 
 
-def _scalars(name: str, value: Any) -> Iterable[tuple[str, Any]]:
-    """Loggable scalars: a per-class metric (a vector) is logged as ``name/0``, ``name/1``, ..."""
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
-        for index, item in enumerate(value.flatten()):
-            yield f"{name}/{index}", item
-    elif isinstance(value, (torch.Tensor, int, float)):
-        yield name, value
+def _scalars(name: str, value: Any) -> list[tuple[str, Any]] | None:
+    """Loggable scalars of one metric result: a 0-D tensor (or a number) as itself, a 1-D tensor (a per-class
+    metric) as ``name/0``, ``name/1``, ...; ``None`` for anything else (matrices, dicts, strings)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return [(name, value)]
+        if value.dim() == 1:
+            return [(f"{name}/{index}", item) for index, item in enumerate(value)]
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(name, value)]
+    return None
+
+
+@dataclass
+class _CachedStage:
+    """A built stage module and what it was built from: rebuilt only when the plan or a module changes."""
+
+    plan: StagePlan
+    modules: tuple[nn.Module, ...]  # each live brick and its model, held so their ids cannot be reused
+    module: Callable[[dict[str, Any]], dict[str, Any]]
+
+    def matches(self, plan: StagePlan, modules: tuple[nn.Module, ...]) -> bool:
+        return (plan == self.plan and len(modules) == len(self.modules)
+                and all(a is b for a, b in zip(modules, self.modules, strict=True)))
 
 
 class BrickLightningModule(pl.LightningModule):
@@ -49,34 +84,44 @@ class BrickLightningModule(pl.LightningModule):
 
     ``optimizer_factory`` receives the trainable parameters (``functools.partial(torch.optim.AdamW,
     lr=1e-3)``).  Batches are dicts of named inputs, or tuples/lists mapped to ``batch_names`` in order
-    (``(images, labels)`` -> ``{"raw": images, "targets": labels}``).  Each stage is compiled once, on first
-    use (``compile=True`` also wraps it in ``torch.compile``).  Checkpoints hold the collection's weights under
-    ``collection.``.
+    (``(images, labels)`` -> ``{"raw": images, "targets": labels}``).  ``outputs`` selects, per stage, the
+    values its module returns (e.g. ``{"inference": ["class_prediction"]}`` for ``predict_step``; default:
+    every value); keep the losses among them in TRAIN.  Each stage is compiled on first use and rebuilt only
+    when its plan or one of its bricks' modules changes (``compile=True`` also wraps it in ``torch.compile``).
+    Checkpoints hold the collection's weights under ``collection.``.
     """
 
     def __init__(self, collection: BrickCollection | Mapping[str, Any], optimizer_factory: OptimizerFactory,
-                 compile: bool = False, batch_names: Sequence[str] = ("raw", "targets")) -> None:
+                 compile: bool = False, batch_names: Sequence[str] = ("raw", "targets"),
+                 outputs: Mapping[Stage | str, Sequence[str]] | None = None) -> None:
         super().__init__()
         # A registered submodule: the optimizer, DDP and checkpoints see every brick's parameters.
         self.collection = collection if isinstance(collection, BrickCollection) else BrickCollection(collection)
         self.optimizer_factory = optimizer_factory
         self.use_compile = compile  # not self.compile: that is nn.Module.compile()
         self.batch_names = tuple(batch_names)
+        self.outputs = {parse_stage(stage): tuple(names) for stage, names in (outputs or {}).items()}
         # Kept out of the module tree (a plain dict): stage modules share the collection's modules, and
         # registering them would duplicate every weight in the state dict.
-        self._stage_modules: dict[Stage, tuple[int, Callable[[dict[str, Any]], dict[str, Any]]]] = {}
+        self._stage_modules: dict[Stage, _CachedStage] = {}
+        self._unlogged_metrics: set[str] = set()
 
     # ------------------------------------------------------------------ stages
-    def stage_module(self, stage: Stage) -> Callable[[dict[str, Any]], dict[str, Any]]:
-        """The compiled module of ``stage``, built on first use and again after the collection's bricks or
-        connections change."""
-        version = structure_version()
+    def stage_module(self, stage: Stage | str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """The compiled module of ``stage``, built on first use and rebuilt only when the stage's plan or the
+        modules of its bricks change (not when unrelated bricks are built elsewhere in the process)."""
+        stage = parse_stage(stage)
+        outputs = self.outputs.get(stage)
+        plan = self.collection.plan(stage, outputs)
+        bricks = self.collection.bricks()
+        modules = tuple(module for name in plan.bricks
+                        for module in (bricks[name], getattr(bricks[name], "model", bricks[name])))
         cached = self._stage_modules.get(stage)
-        if cached is None or cached[0] != version:
-            module: StageModule = compile_stage(self.collection, stage)
-            cached = (version, torch.compile(module) if self.use_compile else module)
+        if cached is None or not cached.matches(plan, modules):
+            module = compile_stage(self.collection, stage, outputs=outputs)
+            cached = _CachedStage(plan, modules, torch.compile(module) if self.use_compile else module)
             self._stage_modules[stage] = cached
-        return cached[1]
+        return cached.module
 
     def named_inputs(self, batch: Any) -> dict[str, Any]:
         """A batch as a dict of named inputs (see ``batch_names``)."""
@@ -92,38 +137,55 @@ class BrickLightningModule(pl.LightningModule):
         raise BrickError(f"Batches must be dicts of named inputs, tuples/lists or tensors, not "
                          f"{type(batch).__name__}.")
 
-    def forward(self, named_inputs: dict[str, Any], stage: Stage = Stage.INFERENCE) -> dict[str, Any]:
+    def forward(self, named_inputs: dict[str, Any], stage: Stage | str = Stage.INFERENCE) -> dict[str, Any]:
         return self.stage_module(stage)(named_inputs)
 
     # ------------------------------------------------------------------ steps
-    def _step(self, batch: Any, stage: Stage) -> torch.Tensor:
+    def _step(self, batch: Any, stage: Stage) -> torch.Tensor | None:
         named_inputs = self.named_inputs(batch)
         outputs = self.stage_module(stage)(named_inputs)
         losses = self.collection.extract_losses(outputs)
         if not losses:
-            raise BrickError(f"No loss in stage {stage.value}: mark a brick's outputs as losses (BrickLoss, or "
-                             f"loss_output_names=...) alive in that stage.")
+            return None
+        if _TOTAL_LOSS in losses:
+            raise BrickError(f"A loss named {_TOTAL_LOSS!r} would be logged under the key of the losses' sum, "
+                             f"'{stage.value}/{_TOTAL_LOSS}'; rename that loss output.")
         not_scalar = {name: tuple(loss.shape) for name, loss in losses.items() if loss.dim() != 0}
         if not_scalar:
             raise BrickError(f"Losses must be scalars to be summed; got shapes {not_scalar} in stage {stage.value} "
                              f"(reduce them in the loss brick, e.g. reduction='mean').")
         total = torch.stack([loss.float() for loss in losses.values()]).sum()
-        on_step = stage is Stage.TRAIN
         batch_size = _batch_size(named_inputs)
-        # sync_dist averages the epoch value over processes under DDP (a no-op on one process).
-        log = dict(on_step=on_step, on_epoch=True, sync_dist=True, batch_size=batch_size)
         for name, value in losses.items():
-            self.log(f"{stage.value}/{name}", value.detach(), **log)  # type: ignore[arg-type]
-        self.log(f"{stage.value}/loss", total.detach(), prog_bar=True, **log)  # type: ignore[arg-type]
+            self._log_loss(f"{stage.value}/{name}", value.detach(), stage, batch_size)
+        self._log_loss(f"{stage.value}/{_TOTAL_LOSS}", total.detach(), stage, batch_size, prog_bar=True)
         return total
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, Stage.TRAIN)
+    def _log_loss(self, key: str, value: torch.Tensor, stage: Stage, batch_size: int | None,
+                  prog_bar: bool = False) -> None:
+        # Synchronizing every step would all-reduce once per loss and step under DDP; the epoch value is
+        # synchronized once, at epoch end.  Validation and test log the epoch value only (no suffix).
+        epoch_key = key
+        if stage is Stage.TRAIN:
+            self.log(f"{key}_step", value, on_step=True, on_epoch=False, sync_dist=False, batch_size=batch_size,
+                     prog_bar=prog_bar)
+            epoch_key = f"{key}_epoch"
+        self.log(epoch_key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size,
+                 prog_bar=prog_bar)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, Stage.TRAIN)
+        if loss is None:
+            raise BrickError("No loss in stage train: mark a brick's outputs as losses (BrickLoss, or "
+                             "loss_output_names=...) alive in TRAIN (with outputs=..., keep them among the TRAIN "
+                             "outputs).")
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        # No loss here is fine: e.g. losses alive only in TRAIN and metrics in VALIDATION.
         return self._step(batch, Stage.VALIDATION)
 
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, Stage.TEST)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
@@ -134,8 +196,18 @@ class BrickLightningModule(pl.LightningModule):
         # torchmetrics' compute() already gathers the states of every process, so every process holds the
         # same global values; sync_dist only averages identical numbers (and silences Lightning's warning).
         for name, value in self.collection.summarize(stage, reset=True).items():
-            for key, scalar in _scalars(f"{stage.value}/{name}", value):
-                self.log(key, scalar, sync_dist=True)
+            key = f"{stage.value}/{name}"
+            scalars = _scalars(key, value)
+            if scalars is None:
+                if name not in self._unlogged_metrics:  # warn once per metric, not every epoch
+                    self._unlogged_metrics.add(name)
+                    what = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                            else f"a {type(value).__name__}")
+                    warnings.warn(f"Metric {key!r} is not logged: it is {what}, and only 0-D and 1-D tensors are; "
+                                  f"read it from collection.summarize() instead.", stacklevel=2)
+                continue
+            for scalar_key, scalar in scalars:
+                self.log(scalar_key, scalar, sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics(Stage.TRAIN)
