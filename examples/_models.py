@@ -2,6 +2,11 @@
 
 Nothing is downloaded: backbones start from random weights and the images come from
 ``torchvision.datasets.FakeData``.
+
+The demos check the plumbing (stages, shapes, losses, metrics, export, DDP), not what the model learns:
+FakeData's labels are random, and at ``IMAGE_SIZE`` 32 resnet18's layer4 map is 1x1, so the segmentation
+head's upsampled logits are constant over each image (one class per image).  Real segmentation needs
+larger images (224 gives a 7x7 map) and real data.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torchbricks_fx.bag_of_bricks import (
 
 NUM_CLASSES = 10
 NUM_SEGMENT_CLASSES = 3
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # small enough for every example to run in well under a minute on a 2-core CPU
 
 
 def multitask_bricks(backbone: str = "resnet18") -> BrickCollection:
@@ -40,8 +45,9 @@ def multitask_bricks(backbone: str = "resnet18") -> BrickCollection:
 
 
 class FakeImagesWithMasks(Dataset):
-    """``FakeData`` images with their class label and a per-pixel mask (the brightest color channel, so
-    the segmentation task is learnable).  Items are dicts of named inputs."""
+    """``FakeData`` images with their (random) class label and a per-pixel mask (the brightest color
+    channel).  Items are dicts of named inputs.  The data only exercise the pipeline; see the module
+    docstring for why the demo model cannot learn them."""
 
     def __init__(self, size: int = 64, image_size: int = IMAGE_SIZE, seed: int = 0) -> None:
         from torchvision.datasets import FakeData

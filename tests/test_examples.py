@@ -63,7 +63,8 @@ def test_train_lightning(tmp_path: Path) -> None:
     stdout = run_example("train_lightning.py", "--epochs", "1", "--steps-per-epoch", "3", "--log-dir", str(tmp_path),
                          cwd=tmp_path)
     assert "world size 1" in stdout
-    for key in ("train/loss_epoch", "train/classify/accuracy", "validation/segment/jaccard", "test/loss"):
+    for key in ("train/total_loss_epoch", "train/classify/accuracy", "validation/segment/jaccard",
+                "test/total_loss"):
         assert f"{key}:" in stdout
     metrics_files = list(tmp_path.rglob("metrics.csv"))
     assert metrics_files
@@ -78,7 +79,7 @@ def test_train_lightning_ddp_two_processes(tmp_path: Path) -> None:
     stdout = run_example("train_lightning.py", "--devices", "2", "--strategy", "ddp", "--epochs", "1",
                          "--steps-per-epoch", "2", "--log-dir", str(tmp_path), cwd=tmp_path)
     assert "world size 2, strategy DDPStrategy" in stdout
-    assert "validation/classify/accuracy:" in stdout and "test/loss:" in stdout
+    assert "validation/classify/accuracy:" in stdout and "test/total_loss:" in stdout
 
 
 def _test_metrics(stdout: str) -> dict[str, float]:
@@ -95,7 +96,7 @@ def test_ddp_metrics_are_synchronized_across_processes(tmp_path: Path) -> None:
                                        cwd=tmp_path))
     ddp = _test_metrics(run_example("train_lightning.py", "--epochs", "0", "--devices", "2", "--strategy", "ddp",
                                     "--log-dir", str(tmp_path / "two"), cwd=tmp_path))
-    assert {"test/classify/accuracy", "test/segment/jaccard", "test/loss"} <= set(single)
+    assert {"test/classify/accuracy", "test/segment/jaccard", "test/total_loss"} <= set(single)
     for name in ("test/classify/accuracy", "test/classify/f1", "test/segment/jaccard", "test/segment/pixel_accuracy",
-                 "test/loss"):
+                 "test/total_loss"):
         assert ddp[name] == pytest.approx(single[name], abs=1e-3), (name, single, ddp)
