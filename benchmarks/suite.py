@@ -108,10 +108,12 @@ def _hand_compiled(workload: Workload, args: list[torch.Tensor]) -> _Impl:
 def _ort_session(path: Path) -> Any:
     import onnxruntime as ort
 
+    from torchbricks_fx.export import ort_providers
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=ort_providers("cpu"))
 
 
 def _hand_onnxruntime(workload: Workload, args: list[torch.Tensor], folder: Path) -> _Impl:

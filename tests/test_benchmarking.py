@@ -27,6 +27,7 @@ from torchbricks_fx import (
 from torchbricks_fx import backends as backends_module
 from torchbricks_fx.benchmarking import (
     JSON_SCHEMA,
+    compare_outputs,
     plot,
     profile_to_markdown,
     resize_batch,
@@ -297,6 +298,101 @@ def test_resize_batch_repeats_or_slices_dimension_zero():
         resize_batch({"x": x}, 0)
 
 
+class Lookup(nn.Module):
+    """Scores every row of ``x`` against a fixed table whose length is not the batch size."""
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return x @ table.T
+
+
+def table_collection() -> BrickCollection:
+    return BrickCollection({"lookup": BrickNotTrainable(Lookup(), input_names=["x", "table"],
+                                                        output_names=["scores"])})
+
+
+def test_resize_batch_leaves_inputs_of_another_length_alone():
+    x, table = torch.randn(4, 4), torch.randn(100, 4)
+    resized = resize_batch({"x": x, "table": table}, 2)
+    assert resized["x"].shape == (2, 4) and resized["table"] is table
+    # The first input decides the batch size, not the longest one.
+    resized = resize_batch({"table": table, "x": x}, 2, ["x", "table"])
+    assert resized["x"].shape == (2, 4) and resized["table"] is table
+    with pytest.raises(BrickBackendError, match="no batch"):
+        resize_batch({"scalar": torch.tensor(1.0)}, 3)
+
+
+def test_a_static_table_input_is_not_the_batch_size():
+    named_inputs = {"x": torch.randn(4, 4), "table": torch.randn(100, 4)}
+    results = benchmark(table_collection(), named_inputs, backends=["eager", "fx", "onnxruntime"],
+                        min_run_time=FAST)
+    assert [r.batch_size for r in results] == [4, 4, 4]
+    assert all(not r.failed and r.matched for r in results), [r.reason for r in results]
+
+
+def test_other_batch_sizes_resize_only_the_batched_inputs():
+    seen: list[tuple[int, int]] = []
+
+    class Recording(Lookup):
+        def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+            if not torch.compiler.is_compiling():  # export traces with symbolic sizes
+                seen.append((int(x.shape[0]), int(table.shape[0])))
+            return super().forward(x, table)
+
+    collection = BrickCollection({"lookup": BrickNotTrainable(Recording(), input_names=["x", "table"],
+                                                              output_names=["scores"])})
+    named_inputs = {"x": torch.randn(4, 4), "table": torch.randn(100, 4)}
+    results = benchmark(collection, named_inputs, backends=["eager", "onnxruntime"], batch_sizes=[1, 3],
+                        min_run_time=FAST)
+    assert all(not r.failed and r.matched for r in results), [r.reason for r in results]
+    assert {table for _, table in seen} == {100} and {1, 3} <= {batch for batch, _ in seen}
+
+
+def test_batch_sizes_without_a_batch_dimension_are_refused_before_any_work():
+    counting = Counting()
+    collection = BrickCollection({"c": BrickTrainable(counting, input_names=["x"], output_names=["y"])})
+    with pytest.raises(BrickBackendError, match="batch dimension"):
+        benchmark(collection, {"x": torch.tensor(1.0)}, backends=["eager"], batch_sizes=[2], min_run_time=FAST)
+    assert counting.calls == 0
+
+
+def test_a_collection_on_several_devices_is_refused_and_left_where_it_was():
+    collection = BrickCollection({
+        "a": BrickTrainable(nn.Linear(4, 4), input_names=["x"], output_names=["y"]),
+        "b": BrickTrainable(nn.Linear(4, 4, device="meta"), input_names=["y"], output_names=["z"]),
+    })
+    for run in (benchmark, profile_bricks):
+        with pytest.raises(BrickBackendError, match="several devices"):
+            run(collection, {"x": torch.randn(2, 4)}, min_run_time=FAST)
+        assert {p.device.type for p in collection.parameters()} == {"cpu", "meta"}
+
+
+def test_onnx_names_other_than_the_stages_are_an_error_not_paired_by_position():
+    assert backends_module._io_names(["x"], ["x", "unused"], "inputs") == {"x": "x"}
+    with pytest.raises(BrickBackendError, match=r"inputs \['input_0'\], which are not the stage's inputs"):
+        backends_module._io_names(["input_0"], ["x"], "inputs")
+
+
+def test_onnxruntime_on_cuda_without_its_provider_fails_clearly_before_exporting():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDAExecutionProvider")
+    with pytest.raises(BrickBackendError, match=r"no CUDAExecutionProvider.*onnxruntime-gpu"):
+        backends_module._ort_providers(torch.device("cuda", 0))
+    assert backends_module._ort_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+
+
+def test_compare_outputs_never_reports_a_nan_difference_as_zero():
+    reference = {"y": torch.tensor([1.0, 2.0])}
+    matched, error = compare_outputs(reference, {"y": torch.tensor([1.0, float("nan")])})
+    assert not matched and error == float("inf")
+    assert compare_outputs({"y": torch.tensor([float("nan"), -float("inf")])},
+                           {"y": torch.tensor([float("nan"), -float("inf")])}) == (True, 0.0)
+    assert compare_outputs(reference, {"y": torch.ones(3)}) == (False, float("inf"))
+    assert compare_outputs(reference, {}) == (False, float("inf"))
+    assert compare_outputs({"n": torch.tensor([1, 2])}, {"n": torch.tensor([1, 3])})[0] is False
+
+
 # ------------------------------------------------------------------------------------------- per brick
 def test_profile_bricks_times_each_live_brick_in_order(collection, inputs):
     profiles = profile_bricks(collection, inputs, min_run_time=FAST)
@@ -305,6 +401,24 @@ def test_profile_bricks_times_each_live_brick_in_order(collection, inputs):
     assert sum(p.share for p in profiles) == pytest.approx(1.0)
     table = profile_to_markdown(profiles)
     assert "| body |" in table and table.count("\n") == 5
+
+
+def test_profile_bricks_times_all_bricks_with_the_external_inputs_and_the_stage():
+    seen: list[tuple[str, ...]] = []
+
+    def everything(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen.append(tuple(values))
+        return values["x"] + values["y"]
+
+    collection = BrickCollection({
+        "twice": BrickNotTrainable(Scale(), input_names=["x"], output_names=["y"]),
+        "sum": BrickNotTrainable(everything, input_names="all", output_names=["total"]),
+        "staged": BrickNotTrainable(lambda total, stage: total * (stage == Stage.INFERENCE),
+                                    input_names=["total", "stage"], output_names=["out"]),
+    })
+    profiles = profile_bricks(collection, {"x": torch.randn(2, 4)}, min_run_time=FAST)
+    assert [p.brick for p in profiles] == ["twice", "sum", "staged"]
+    assert set(seen) == {("x", "y")}
 
 
 def test_profile_bricks_leaves_metric_state_untouched():

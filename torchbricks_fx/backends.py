@@ -38,9 +38,12 @@ __all__ = [
     "DEFAULT_BACKENDS",
     "BoundCall",
     "Runner",
+    "batch_size_of",
+    "check_batch_size",
     "make_runner",
     "parse_backends",
     "parse_device",
+    "resize_batch",
 ]
 
 BACKENDS: tuple[str, ...] = ("eager", "fx", "compile", "onnxruntime", "cudagraphs")
@@ -83,6 +86,48 @@ def parse_backends(backends: str | Sequence[str], device: torch.device) -> tuple
         raise BrickBackendError(f"Backend(s) {', '.join(map(repr, cuda_only))} need device='cuda' (CUDA graphs); "
                                 f"the requested device is {str(device)!r}.")
     return tuple(dict.fromkeys(names))
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def batch_size_of(named_inputs: Mapping[str, Any], input_names: Sequence[str] | None = None) -> int | None:
+    """Dimension 0 of the first input (in ``input_names`` order, default: ``named_inputs``'), as export's
+    dynamic batch axis assumes; ``None`` when that input is not a tensor with at least one dimension."""
+    order = [n for n in (input_names if input_names is not None else named_inputs) if n in named_inputs]
+    first = named_inputs[order[0]] if order else None
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """``BrickBackendError`` unless ``batch_size`` is a positive integer."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise BrickBackendError(f"Batch sizes must be positive integers, not {batch_size!r}.")
+
+
+def resize_batch(named_inputs: Mapping[str, Any], batch_size: int,
+                 input_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The inputs at another batch size: dimension 0 repeated or sliced to ``batch_size`` for every tensor
+    whose dimension 0 is the current batch size (the first input's, see :func:`batch_size_of`).  Other tensors
+    (a fixed table of another length), 0-d tensors and other values are unchanged; so is a table that happens
+    to have the batch size as its length, which export would make dynamic too."""
+    check_batch_size(batch_size)
+    current = batch_size_of(named_inputs, input_names)
+    if current == batch_size or (current is None and batch_size == 1):
+        return dict(named_inputs)
+    if not current:
+        raise BrickBackendError(f"Cannot resize the inputs to batch size {batch_size}: the first input has no "
+                                f"batch to repeat (given: {_shapes(named_inputs)}).")
+    resized: dict[str, Any] = {}
+    for name, value in named_inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == current:
+            index = torch.arange(batch_size, device=value.device) % current
+            resized[name] = value.index_select(0, index)
+        else:
+            resized[name] = value
+    return resized
+
+
+def _shapes(named_inputs: Mapping[str, Any]) -> dict[str, Any]:
+    return {n: list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for n, v in named_inputs.items()}
 
 
 @dataclass(frozen=True)
@@ -172,66 +217,65 @@ def _numpy_dtype(dtype: torch.dtype) -> Any:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
-def _check_provider(device: torch.device) -> None:
-    """Fails before exporting when onnxruntime cannot run on ``device``."""
+def _ort_providers(device: torch.device) -> list[Any]:
+    """export's provider choice for ``device``; fails before any export when CUDA is asked for and this
+    onnxruntime has no CUDA execution provider (export would fall back to CPU)."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if device.type == "cuda" and "CUDAExecutionProvider" not in available:
+    from torchbricks_fx.export import ort_providers
+
+    providers = ort_providers(device)
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    if device.type == "cuda" and first != "CUDAExecutionProvider":
+        available = ort.get_available_providers()
         raise BrickBackendError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: "
                                 f"{', '.join(available)}); install onnxruntime-gpu to run ONNX models on CUDA.")
+    return providers
 
 
-def _ort_session(path: Path, device: torch.device, threads: int) -> Any:
+def _ort_session(path: Path, device: torch.device, providers: list[Any], threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    if device.type != "cuda":
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    session = ort.InferenceSession(str(path), options, providers=[
-        ("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"])
-    if session.get_providers()[0] != "CUDAExecutionProvider":
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if device.type == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         # ORT falls back to CPU silently when the CUDA libraries cannot be loaded.
         raise BrickBackendError(f"onnxruntime could not start its CUDAExecutionProvider (session providers: "
                                 f"{session.get_providers()}); check the CUDA/cuDNN libraries onnxruntime-gpu needs.")
     return session
 
 
-def _io_names(session_names: Sequence[str], expected: Sequence[str]) -> dict[str, str]:
-    """Session name -> user name.  The exporter keeps user names; positions are the fallback."""
-    if set(session_names) <= set(expected):
-        return {name: name for name in session_names}
-    return dict(zip(session_names, expected, strict=False))
-
-
-def _export_inputs(named_inputs: Mapping[str, Any]) -> dict[str, Any]:
-    # Exporting with a batch of one lets torch.export specialize the batch dimension to 1.
-    from torchbricks_fx.benchmarking import resize_batch
-
-    sizes = [v.shape[0] for v in named_inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return resize_batch(named_inputs, 2) if sizes and min(sizes) < 2 else dict(named_inputs)
+def _io_names(session_names: Sequence[str], expected: Sequence[str], what: str) -> dict[str, str]:
+    """Session name -> user name.  export_onnx names the ONNX inputs and outputs after the stage's (and checks
+    it); anything else is a different file, not something to pair up by position."""
+    unknown = [name for name in session_names if name not in expected]
+    if unknown:
+        raise BrickBackendError(f"The exported ONNX file has {what} {unknown}, which are not the stage's "
+                                f"{what} {list(expected)}.")
+    return {name: name for name in session_names}
 
 
 def _onnxruntime_runner(collection: Any, stage: Stage, outputs: Sequence[str], named_inputs: Mapping[str, Any],
                         device: torch.device, threads: int, input_names: Sequence[str]) -> Runner:
     from torchbricks_fx.export import export_onnx
 
-    _check_provider(device)
+    providers = _ort_providers(device)
     folder = Path(tempfile.mkdtemp(prefix="torchbricks_fx_bench_"))
     try:
         path = folder / "stage.onnx"
         start = time.perf_counter()
-        export_onnx(collection, path, _export_inputs(named_inputs), stage=stage, outputs=list(outputs),
-                    dynamic_batch=True, verify=True, overwrite=True)
-        session = _ort_session(path, device, threads)
+        # A batch of 1 needs no special care: export_onnx traces a dynamic batch of 1 doubled.
+        export_onnx(collection, path, named_inputs, stage=stage, outputs=list(outputs), dynamic_batch=True,
+                    verify=True, overwrite=True)
+        session = _ort_session(path, device, providers, threads)
         seconds = time.perf_counter() - start
+        in_names = _io_names([i.name for i in session.get_inputs()], input_names, "inputs")
+        out_names = _io_names([o.name for o in session.get_outputs()], outputs, "outputs")
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    in_names = _io_names([i.name for i in session.get_inputs()], input_names)
-    out_names = _io_names([o.name for o in session.get_outputs()], outputs)
 
     def bind(inputs: Mapping[str, Any]) -> BoundCall:
         if device.type == "cuda":

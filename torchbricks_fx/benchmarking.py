@@ -26,11 +26,20 @@ from typing import Any
 import torch
 from torch.utils.benchmark import Timer
 
-from torchbricks_fx.backends import DEFAULT_BACKENDS, BoundCall, Runner, make_runner, parse_backends, parse_device
-from torchbricks_fx.bricks import STAGE_INPUT
+from torchbricks_fx.backends import (
+    DEFAULT_BACKENDS,
+    BoundCall,
+    Runner,
+    batch_size_of,
+    check_batch_size,
+    make_runner,
+    parse_backends,
+    parse_device,
+    resize_batch,
+)
 from torchbricks_fx.errors import BrickBackendError
-from torchbricks_fx.export import tolerance
-from torchbricks_fx.runtime import enter_modes, exit_modes, preserved_state, stage_modules
+from torchbricks_fx.export import compare_tensors
+from torchbricks_fx.runtime import enter_modes, exit_modes, preserved_state, stage_modules, step_arguments
 from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = [
@@ -52,7 +61,6 @@ __all__ = [
 ]
 
 JSON_SCHEMA = "torchbricks_fx.benchmark/1"
-RTOL, ATOL = 1e-3, 1e-4
 WARMUP_CALLS = 3
 
 Progress = Callable[[str], None]
@@ -65,7 +73,10 @@ class BenchmarkResult:
     ``setup_seconds`` is the one-time preparation of the backend (building the stage module; torch.compile's
     wrapper; export + verification + session creation for onnxruntime), ``warmup_seconds`` the untimed first
     calls at this batch size (where torch.compile really compiles).  ``matched`` says whether the outputs
-    equal eager's on the same inputs (rtol 1e-3, atol 1e-4), ``max_abs_error`` by how much they differ.
+    equal eager's on the same inputs (within export's tolerance for the dtype and device, see
+    ``compare_outputs``), ``max_abs_error`` by how much they differ.  ``peak_memory_bytes`` (CUDA, torch
+    backends) is the peak of ``torch.cuda.memory_allocated`` during the measurement above its level at the
+    start (inputs and weights already there are not counted).
     """
 
     backend: str
@@ -105,26 +116,6 @@ class BrickProfile:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def resize_batch(named_inputs: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
-    """The inputs with dimension 0 of every tensor repeated or sliced to ``batch_size`` (other values and
-    0-d tensors unchanged)."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise BrickBackendError(f"Batch sizes must be positive integers, not {batch_size!r}.")
-    resized: dict[str, Any] = {}
-    for name, value in named_inputs.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0:
-            index = torch.arange(batch_size, device=value.device) % value.shape[0]
-            resized[name] = value.index_select(0, index)
-        else:
-            resized[name] = value
-    return resized
-
-
-def _batch_size(named_inputs: Mapping[str, Any]) -> int:
-    sizes = [v.shape[0] for v in named_inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return max(sizes) if sizes else 1
-
-
 def _to_device(named_inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in named_inputs.items()}
 
@@ -144,19 +135,35 @@ def _torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def _on_device(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """Moves ``module`` to ``device`` for the block and back to where its tensors were (one device)."""
+def _home_device(module: torch.nn.Module) -> torch.device | None:
+    """The one device ``module``'s tensors are on (``None`` without tensors); ``BrickBackendError`` for a
+    collection spread over several devices, which a benchmark could not move and put back as it was."""
     devices = {t.device for t in (*module.parameters(), *module.buffers())}
-    if devices <= {device}:
+    if len(devices) > 1:
+        raise BrickBackendError(f"The collection's parameters and buffers are on several devices "
+                                f"({', '.join(sorted(map(str, devices)))}); move it to one device before "
+                                f"benchmarking it.")
+    return next(iter(devices), None)
+
+
+@contextlib.contextmanager
+def _on_device(module: torch.nn.Module, home: torch.device | None, device: torch.device) -> Iterator[None]:
+    """Moves ``module`` from ``home`` (its one device, see ``_home_device``) to ``device`` for the block and
+    back afterwards, also when the move itself fails half-way (out of memory)."""
+    if home is None or home == device:
         yield
         return
-    module.to(device)
     try:
+        module.to(device)
         yield
     finally:
-        if len(devices) == 1:
-            module.to(next(iter(devices)))
+        module.to(home)
+
+
+def _on_cuda_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``device`` as the current CUDA device for the block: ``Timer`` synchronizes the current device, and
+    ``torch.compile`` / CUDA graphs capture on it."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -170,24 +177,18 @@ def time_statement(stmt: str, globals: Mapping[str, Any], *, threads: int, min_r
 
 def compare_outputs(reference: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
                     device: torch.device | str = "cpu") -> tuple[bool, float]:
-    """Whether ``got`` equals ``reference`` (floats within rtol 1e-3, atol 1e-4, or export's looser tolerance for
-    the dtype and the ``device`` the outputs were computed on, where CUDA kernels choose other algorithms;
-    other dtypes exactly) and the largest absolute error (infinity for a missing output or another shape)."""
-    matched, worst = set(reference) == set(got), 0.0
+    """Whether ``got`` equals ``reference`` and the largest absolute error, output by output with
+    ``export.compare_tensors``: export's tolerance for the dtype and the ``device`` the outputs were computed
+    on (CUDA kernels choose other algorithms), integers and bools exactly, NaN against NaN and equal
+    infinities no error, a one-sided NaN an infinite error.  A missing or extra output, another shape or
+    another dtype is a mismatch with infinite error."""
+    matched, worst = set(reference) == set(got), 0.0 if set(reference) == set(got) else math.inf
     for name, ref in reference.items():
         value = got.get(name)
-        if value is None or tuple(value.shape) != tuple(ref.shape):
-            matched, worst = False, math.inf
+        if value is None:
             continue
-        if ref.is_floating_point() or ref.is_complex():
-            diff = (value.to(ref.dtype) - ref).abs()
-            worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
-            rtol, atol = (max(pair) for pair in zip((RTOL, ATOL), tolerance(ref.dtype, device), strict=True))
-            matched = matched and torch.allclose(value.to(ref.dtype), ref, rtol=rtol, atol=atol, equal_nan=True)
-        else:
-            equal = bool(torch.equal(value.to(ref.dtype), ref))
-            worst = max(worst, 0.0 if equal else float((value.double() - ref.double()).abs().max()))
-            matched = matched and equal
+        ok, max_abs, _ = compare_tensors(value, ref, device)
+        matched, worst = matched and ok, max(worst, max_abs)
     return matched, worst
 
 
@@ -198,7 +199,7 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _warm_up(runner: Runner, bound: BoundCall) -> float:
+def _warm_up(runner: Runner, bound: BoundCall, device: torch.device) -> float:
     """Untimed first calls (compilation for compiled backends); seconds spent."""
     guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if runner.compiles:
@@ -222,23 +223,26 @@ def _warm_up(runner: Runner, bound: BoundCall) -> float:
                 f"({dynamo_config.recompile_limit}) for this stage module, so the compiled stage would silently "
                 f"run eagerly; raise the limit or use fewer batch sizes.") from None
         raise
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
 def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping[str, torch.Tensor], *,
              base: BenchmarkResult, min_run_time: float, device: torch.device) -> BenchmarkResult:
     cuda = device.type == "cuda"
+    start_bytes = 0
     if cuda:
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        start_bytes = torch.cuda.memory_allocated(device)
     bound = runner.bind(named_inputs)
-    warmup = _warm_up(runner, bound)
+    warmup = _warm_up(runner, bound, device)
     matched, error = compare_outputs(reference, bound.fetch(), device)
     measurement = time_statement(bound.stmt, bound.globals, threads=base.threads, min_run_time=min_run_time,
                                  label=base.stage, description=runner.name)
     # ORT allocates on the GPU outside torch's allocator: torch's peak would be meaningless there.
-    peak = torch.cuda.max_memory_allocated(device) if cuda and runner.name != "onnxruntime" else None
+    peak = torch.cuda.max_memory_allocated(device) - start_bytes if cuda and runner.name != "onnxruntime" else None
     median = float(measurement.median)
     return dataclasses.replace(base, median_s=median, iqr_s=float(measurement.iqr), runs=len(measurement.times),
                                throughput=base.batch_size / median if median > 0 else None,
@@ -247,24 +251,25 @@ def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping
 
 
 def _run_backend(name: str, collection: Any, stage: Stage, outputs: Sequence[str],
-                 inputs: Mapping[int, Mapping[str, Any]], references: Mapping[int, Mapping[str, torch.Tensor]], *,
+                 inputs: Callable[[int], dict[str, Any]], references: Mapping[int, Mapping[str, torch.Tensor]], *,
                  device: torch.device, threads: int, min_run_time: float, input_names: Sequence[str],
                  progress: Progress) -> list[BenchmarkResult]:
+    """One backend at every batch size; ``inputs(batch_size)`` creates that batch's inputs on ``device``
+    (one batch at a time, so no batch's memory counts in another's measurement)."""
     bases = {bs: BenchmarkResult(backend=name, device=str(device), stage=stage.value, batch_size=bs, threads=threads)
-             for bs in inputs}
+             for bs in references}
     progress(f"{name}: preparing")
     try:
-        first = next(iter(inputs.values()))
-        runner = make_runner(name, collection, stage, outputs, named_inputs=first, device=device, threads=threads,
-                             input_names=input_names)
+        runner = make_runner(name, collection, stage, outputs, named_inputs=inputs(next(iter(references))),
+                             device=device, threads=threads, input_names=input_names)
     except Exception as error:
         progress(f"{name}: failed ({_reason(error)})")
         return [dataclasses.replace(base, failed=True, reason=_reason(error)) for base in bases.values()]
     results = []
     try:
-        for bs, named_inputs in inputs.items():
+        for bs in references:
             try:
-                result = _measure(runner, named_inputs, references[bs], base=bases[bs], min_run_time=min_run_time,
+                result = _measure(runner, inputs(bs), references[bs], base=bases[bs], min_run_time=min_run_time,
                                   device=device)
             except Exception as error:
                 result = dataclasses.replace(bases[bs], setup_seconds=runner.setup_seconds, failed=True,
@@ -310,10 +315,13 @@ def benchmark(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage 
 
     Backends: ``eager`` (the collection), ``fx`` (the StageModule), ``compile`` (``torch.compile`` of the
     StageModule), ``onnxruntime`` (the verified ONNX export) and, on CUDA, ``cudagraphs``
-    (``torch.compile(mode="reduce-overhead")``).  ``batch_sizes`` repeats or slices dimension 0 of the example
-    inputs (default: their own batch size); ``threads`` sets torch's (and ORT's intra-op) threads for the run
-    (default: torch's current setting) and restores them.  With ``device="cuda"`` the collection is moved to
-    the GPU for the run and moved back afterwards.  Every backend's outputs are compared with eager's on the
+    (``torch.compile(mode="reduce-overhead")``).  The batch size is dimension 0 of the stage's first input (as
+    for export's dynamic batch axis); ``batch_sizes`` repeats or slices dimension 0 of every input with that
+    length (default: the example's batch size) and leaves other inputs (a fixed table) as they are.
+    ``threads`` sets torch's (and ORT's intra-op) threads for the run (default: torch's current setting) and
+    restores them.  With ``device="cuda"`` the collection is moved to the GPU for the run and moved back
+    afterwards (one spread over several devices is refused with ``BrickBackendError``), and ``"cuda:N"`` is
+    the current CUDA device while it runs.  Every backend's outputs are compared with eager's on the
     same inputs.  A backend that fails is reported with ``failed=True`` and the reason; the others still run.
     ``progress`` receives one line of text per step.  Buffers (BatchNorm statistics) and metric states are
     restored afterwards, so timing TRAIN or a stage with metrics leaves the collection as it was (only
@@ -324,13 +332,24 @@ def benchmark(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage 
     dev = parse_device(device)
     names = parse_backends(backends, dev)
     plan = collection.plan(stage, outputs)
-    sizes = list(dict.fromkeys(batch_sizes)) if batch_sizes else [_batch_size(named_inputs)]
+    order = plan.required_inputs
+    sizes = list(dict.fromkeys(batch_sizes)) if batch_sizes else [batch_size_of(named_inputs, order) or 1]
+    for bs in sizes:
+        check_batch_size(bs)
+    if batch_size_of(named_inputs, order) is None and sizes != [1]:
+        raise BrickBackendError(f"batch_sizes {sizes} need a batch dimension: the stage's first input "
+                                f"{order[0] if order else None!r} has none.")
     if not min_run_time > 0:
         raise BrickBackendError(f"min_run_time must be positive, not {min_run_time!r}.")
+    home = _home_device(collection)
     report = progress or (lambda _: None)
-    with _torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, dev):
-        inputs = {bs: _to_device(resize_batch(named_inputs, bs), dev) for bs in sizes}
-        references = {bs: _reference_outputs(collection, stage, x, plan.outputs) for bs, x in inputs.items()}
+
+    def inputs(bs: int) -> dict[str, Any]:
+        return _to_device(resize_batch(named_inputs, bs, order), dev)
+
+    with (_torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, home, dev),
+          _on_cuda_device(dev)):
+        references = {bs: _reference_outputs(collection, stage, inputs(bs), plan.outputs) for bs in sizes}
         results: list[BenchmarkResult] = []
         for name in names:
             results += _run_backend(name, collection, stage, plan.outputs, inputs, references, device=dev,
@@ -340,16 +359,11 @@ def benchmark(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage 
 
 
 # --------------------------------------------------------------------------------------------- per brick
-def _brick_call(spec: Any, brick: Any, stage: Stage, values: Mapping[str, Any],
-                plan: Any) -> tuple[str, dict[str, Any]]:
-    """The statement and globals calling one brick on its captured inputs."""
+def _brick_call(spec: Any, brick: Any, values: Mapping[str, Any], plan: Any) -> tuple[str, dict[str, Any]]:
+    """The statement and globals calling one brick on its captured inputs, as the stage calls it."""
     # Metric bricks update state on every call: time a copy so the user's metric state stays untouched.
-    fn = brick.stage_callable(stage) if spec.in_graph else copy.deepcopy(brick).stage_callable(stage)
-    lookup = {**values, STAGE_INPUT: stage}
-    if spec.takes_all:
-        return "fn(values)", {"fn": fn, "values": {n: lookup[n] for n in plan.all_inputs[spec.name] if n in lookup}}
-    args = [lookup[n] for n in spec.args]
-    kwargs = {argument: lookup[n] for argument, n in spec.kwargs}
+    fn = brick.stage_callable(plan.stage) if spec.in_graph else copy.deepcopy(brick).stage_callable(plan.stage)
+    args, kwargs = step_arguments(plan, spec, values)
     return "fn(*args, **kwargs)", {"fn": fn, "args": args, "kwargs": kwargs}
 
 
@@ -363,7 +377,9 @@ def profile_bricks(collection: Any, named_inputs: Mapping[str, Any], *, stage: S
     dev = parse_device(device)
     plan = collection.plan(stage, outputs)
     bricks = collection.bricks()
-    with _torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, dev):
+    home = _home_device(collection)
+    with (_torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, home, dev),
+          _on_cuda_device(dev)):
         values = collection(_to_device(named_inputs, dev), stage=stage)
         modules = stage_modules([bricks[name] for name in plan.bricks])
         flipped = enter_modes(modules, stage.is_training)
@@ -371,7 +387,7 @@ def profile_bricks(collection: Any, named_inputs: Mapping[str, Any], *, stage: S
             with torch.set_grad_enabled(stage.is_training):
                 timings = []
                 for spec in plan.steps:
-                    stmt, globals_ = _brick_call(spec, bricks[spec.name], stage, values, plan)
+                    stmt, globals_ = _brick_call(spec, bricks[spec.name], values, plan)
                     timings.append((spec.name, time_statement(stmt, globals_, threads=n_threads,
                                                               min_run_time=min_run_time, description=spec.name)))
         finally:
