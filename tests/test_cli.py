@@ -122,8 +122,9 @@ def test_export_writes_a_verified_onnx_file(capsys, tmp_path):
     assert "model.onnx" in out and "| logits |" in out and "dynamic batch: True" in out
     assert "exporting stage export" in err
 
+    # export_onnx refuses an existing file before any export work: a BrickExportError, so exit code 1.
     code, _, err = run(capsys, "export", EXAMPLE, "-o", str(target))
-    assert_user_error(code, err, "exists; pass --overwrite")
+    assert code == 1 and "already exists; pass overwrite=True" in err and "Traceback" not in err
 
     code, out, _ = run(capsys, "export", EXAMPLE, "-o", str(target), "--overwrite", "--no-dynamic-batch")
     assert code == 0 and "dynamic batch: False" in out
@@ -165,6 +166,41 @@ def test_bench_prints_a_table_progress_json_and_plot(capsys, tmp_path):
     assert [(r["backend"], r["batch_size"], r["threads"]) for r in data["results"]] == [
         ("eager", 1, 1), ("eager", 4, 1), ("fx", 1, 1), ("fx", 4, 1)]
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_writes_json_and_plot_before_profiling(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from torchbricks_fx import benchmarking
+
+    def failing_profile(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("profiling broke")
+
+    monkeypatch.setattr(benchmarking, "profile_bricks", failing_profile)
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code, out, err = run(capsys, "bench", EXAMPLE, "--backends", "eager", "--min-run-time", "0.01", "--json",
+                         str(out_json), "--plot", str(out_png), "--profile")
+    assert code == 1 and "RuntimeError: profiling broke" in err
+    assert out.startswith("| backend | device | batch |")
+    assert [r["backend"] for r in json.loads(out_json.read_text())["results"]] == ["eager"]
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_examples_name_the_real_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    examples = [line.split()[1] for line in out.splitlines() if line.strip().startswith("torchbricks-fx ")]
+    assert examples == ["inspect", "export", "bench"]
+
+
+def test_bench_backends_default_is_the_librarys(capsys):
+    from torchbricks_fx.backends import DEFAULT_BACKENDS
+    from torchbricks_fx.cli import _parser
+
+    assert _parser().parse_args(["bench", "model.py"]).backends == ",".join(DEFAULT_BACKENDS)
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert f"default: {','.join(DEFAULT_BACKENDS)}" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(("argv", "fragments"), [

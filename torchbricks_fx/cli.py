@@ -3,9 +3,10 @@
 Every command works on a Python file that defines a function (``build`` by default) returning
 ``(collection, example_named_inputs)``: ``torchbricks-fx inspect model.py`` or ``model.py:make_model``.
 The commands are thin over the public API.  Exit codes: 0 success, 1 the work failed or found problems
-(``inspect`` reporting validation problems, a failed export), 2 unusable input (missing file, no build
-function, invalid collection, unknown stage/backend/device); errors are one paragraph on stderr, without a
-traceback unless ``--traceback`` is given.
+(``inspect`` reporting validation problems, any ``BrickExportError``: a failed export, or an existing
+output file without ``--overwrite``, which export_onnx refuses before any export work), 2 unusable input
+(missing file, no build function, invalid collection, unknown stage/backend/device); errors are one
+paragraph on stderr, without a traceback unless ``--traceback`` is given.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from torchbricks_fx.backends import BACKENDS, CUDA_ONLY_BACKENDS, DEFAULT_BACKENDS
 from torchbricks_fx.errors import BrickError, BrickExportError, BrickGraphError
 from torchbricks_fx.stage import Stage, parse_stage
 
@@ -204,15 +206,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     stage = _stage(args.stage)
     outputs = _names(args.outputs)
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise CliError(f"{str(output)!r} exists; pass --overwrite to replace it.")
     collection, named_inputs = load_build(args.file)
     collection.plan(stage, outputs)  # graph problems are reported before any export work
     print(f"exporting stage {stage.value} of {args.file} to {output} ...", file=sys.stderr)
     report = export_onnx(collection, output, named_inputs, stage=stage, outputs=outputs,
                          dynamic_batch=not args.no_dynamic_batch, opset=args.opset, verify=not args.no_verify,
                          overwrite=args.overwrite)
-    print(report.to_markdown() if hasattr(report, "to_markdown") else report)
+    print(report.to_markdown())
     return 0
 
 
@@ -239,6 +239,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                      device=device, batch_sizes=batch_sizes, threads=args.threads,
                                      min_run_time=args.min_run_time, progress=progress)
     print(benchmarking.to_markdown(results), end="")
+    # Written before profiling: a profiling failure must not lose the benchmark's results.
+    if args.json:
+        _write_text(Path(args.json), benchmarking.to_json(results))
+        progress(f"wrote {args.json}")
+    if args.plot:
+        benchmarking.plot(results, args.plot)
+        progress(f"wrote {args.plot}")
     if args.profile:
         progress("profiling bricks")
         profiles = benchmarking.profile_bricks(collection, named_inputs, stage=stage, outputs=outputs,
@@ -246,12 +253,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                                min_run_time=min(args.min_run_time, 0.5))
         print()
         print(benchmarking.profile_to_markdown(profiles), end="")
-    if args.json:
-        _write_text(Path(args.json), benchmarking.to_json(results))
-        progress(f"wrote {args.json}")
-    if args.plot:
-        benchmarking.plot(results, args.plot)
-        progress(f"wrote {args.plot}")
     return 0
 
 
@@ -269,10 +270,11 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG, description="Inspect, export and benchmark a torchbricks_fx collection defined in a Python file "
                                "whose build() returns (collection, example_named_inputs).",
         epilog="examples:\n"
-               "  torchbricks-fx inspect_cmd model.py --mermaid\n"
+               "  torchbricks-fx inspect model.py --mermaid\n"
                "  torchbricks-fx export model.py --stage export -o model.onnx\n"
                "  torchbricks-fx bench model.py --backends eager,fx,compile,onnxruntime --batch-sizes 1,8,32\n"
-               "exit codes: 0 ok; 1 the work failed or inspect found problems; 2 unusable input",
+               "exit codes: 0 ok; 1 the work failed (export: also an existing -o file without --overwrite) or "
+               "inspect found problems; 2 unusable input",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
@@ -303,8 +305,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="latency per backend and batch size (torch.utils.benchmark)")
     bench.add_argument("file", metavar="FILE", help=target)
     bench.add_argument("--stage", default="inference", help=f"stage to time ({stages}); default: inference")
-    bench.add_argument("--backends", default="eager,fx,compile,onnxruntime",
-                       help="comma-separated: eager, fx, compile, onnxruntime, cudagraphs (CUDA only)")
+    bench.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                       help=f"comma-separated: {', '.join(BACKENDS)} ({', '.join(CUDA_ONLY_BACKENDS)} CUDA only); "
+                            f"default: {','.join(DEFAULT_BACKENDS)}")
     bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     bench.add_argument("--batch-sizes", help="comma-separated batch sizes (default: the example's)")
     bench.add_argument("--outputs", help="comma-separated outputs (default: every value the stage produces)")
