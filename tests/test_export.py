@@ -400,3 +400,88 @@ def test_a_file_onnxruntime_cannot_run_is_not_written(tmp_path, monkeypatch):
     with pytest.raises(BrickExportError, match=r"ONNX Runtime cannot run the exported file.*NOT_IMPLEMENTED"):
         export_onnx(tiny(nn.Identity()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)})
     assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def test_exact_float32_context_works_after_the_new_tf32_api_was_used():
+    from torchbricks_fx.export import _exact_cuda_float32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # reading the legacy allow_tf32 flag now raises
+        with _exact_cuda_float32(torch.device("cuda")):  # touches only the flags: no GPU needed
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", saved[1])
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+@pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode")
+def test_train_stage_export_keeps_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(4)
+    collection = BrickCollection({"bn": BrickTrainable(nn.Sequential(nn.Linear(4, 4), norm), input_names=["x"],
+                                                       output_names=["y"])})
+    mean, count = norm.running_mean.clone(), int(norm.num_batches_tracked)
+    report = export_program(collection, tmp_path / "m.pt2", {"x": torch.randn(3, 4)}, stage=Stage.TRAIN)
+    assert report.verified
+    assert torch.equal(norm.running_mean, mean) and int(norm.num_batches_tracked) == count
+    with pytest.raises(BrickExportError):  # the ONNX exporters write BatchNorm in eval form: refused by verification
+        export_onnx(collection, tmp_path / "m.onnx", {"x": torch.randn(3, 4)}, stage=Stage.TRAIN)
+    assert torch.equal(norm.running_mean, mean) and int(norm.num_batches_tracked) == count
+
+
+def test_missing_export_input_names_the_brick(tmp_path):
+    collection = BrickCollection({
+        "first": BrickTrainable(nn.Identity(), input_names=["x"], output_names=["y"]),
+        "second": BrickTrainable(lambda y, z: y + z, input_names=["y", "z"], output_names=["w"]),
+    })
+    with pytest.raises(BrickGraphError, match=r"Input 'z' needed by brick 'second'"):
+        export_onnx(collection, tmp_path / "m.onnx", {"x": torch.rand(2, 3)})
+    assert leftovers(tmp_path) == []
+
+
+def test_dynamic_shapes_add_to_the_batch_axis(tmp_path):
+    collection = BrickCollection({"twice": BrickTrainable(lambda x: x * 2, input_names=["x"], output_names=["y"])})
+    export_onnx(collection, tmp_path / "m.onnx", {"x": torch.rand(2, 3, 5)}, dynamic_shapes={"x": {2: "width"}})
+    dims = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and dims[1].dim_value == 3 and dims[2].dim_param  # batch kept, width added
+    assert run_onnx(tmp_path / "m.onnx", {"x": torch.rand(4, 3, 7)})["y"].shape == (4, 3, 7)
+
+
+def test_configuration_errors_are_not_blamed_on_the_bricks(tmp_path):
+    collection = tiny(nn.ReLU())
+    with pytest.raises(BrickExportError, match=r"\['bogus'\] are not arguments of torch.onnx.export"):
+        export_onnx(collection, tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}, onnx_export_kwargs={"bogus": 1})
+    with pytest.raises(BrickExportError, match=r"(?s)every brick fails alone with the same error.*configuration"):
+        export_onnx(collection, tmp_path / "m.onnx", {"in put": torch.rand(2, 4)},
+                    onnx_export_kwargs={"custom_translation_table": 5})
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_failure_hint_follows_the_exporter(tmp_path):
+    with pytest.raises(BrickExportError, match=r"(?s)brick 'middle'.*dynamo exporter traces with torch.export"):
+        export_onnx(tiny(DataDependentBranch()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)})
+    with pytest.raises(BrickExportError, match=r"(?s)brick 'middle'.*TorchScript"):
+        export_onnx(tiny(RunningMax()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}, dynamo=False)
+
+
+class RunningMax(nn.Module):
+    """aten::cummax has no ONNX symbolic for the legacy (TorchScript) exporter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cummax(x, 1)[0]
+
+
+def test_metric_stage_export_changes_no_collection(tmp_path):
+    from torchbricks_fx.bricks import structure_version
+
+    torch.manual_seed(0)
+    collection = BrickCollection(multitask_bricks())
+    collection.plan(Stage.VALIDATION)
+    version = structure_version()
+    report = export_onnx(collection, tmp_path / "val.onnx", {"raw": torch.rand(2, 3, 16, 16)},
+                         stage=Stage.VALIDATION, outputs=["logits"])
+    assert report.input_names == ("raw",) and structure_version() == version  # cached plans stay valid

@@ -19,6 +19,7 @@ onnx / onnxruntime are imported here only, and this module is imported lazily by
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import math
 import os
@@ -38,9 +39,19 @@ from torch import nn
 from torchbricks_fx.bricks import STAGE_INPUT, Brick
 from torchbricks_fx.collection import BrickCollection
 from torchbricks_fx.errors import BrickExportError, BrickGraphError
-from torchbricks_fx.fx import compile_stage
-from torchbricks_fx.plan import BrickSpec, StagePlan
-from torchbricks_fx.runtime import bind_steps, run_steps
+from torchbricks_fx.fx import build_graph_module
+from torchbricks_fx.plan import BrickSpec, StagePlan, make_plan
+from torchbricks_fx.runtime import (
+    all_reads,
+    bind_steps,
+    check_inputs,
+    enter_modes,
+    exit_modes,
+    preserved_state,
+    run_steps,
+    stage_modules,
+    step_arguments,
+)
 from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = ["ExportReport", "OutputError", "compare_tensors", "export_onnx", "export_program", "ort_providers",
@@ -159,67 +170,69 @@ class _Target:
 
 
 def _target(collection: BrickCollection, stage: Stage, outputs: Sequence[str] | None) -> _Target:
-    stage_module = compile_stage(collection, stage, outputs=outputs)  # validates; errors name bricks and names
-    if any(not step.in_graph for step in stage_module.plan.steps):
-        # Metric bricks run outside the graph and only read it: an artifact has no use for them, nor for the
-        # graph outputs and bricks that only feed them.  Their inputs (targets) are not needed either.
-        collection, kept = _without_metrics(collection, stage_module.plan, outputs)
-        stage_module = compile_stage(collection, stage, outputs=kept)
-    plan, graph_module = stage_module.plan, stage_module.graph_module
+    plan = _exported_plan(collection, stage, outputs)
     if not plan.outputs:
         raise BrickExportError(f"Stage {stage.value} produces no output to export (bricks: {list(plan.bricks)}).")
-    if tuple(stage_module.graph_output_names) != tuple(plan.outputs):
-        raise BrickExportError(f"The stage graph returns {list(stage_module.graph_output_names)}, expected "
-                               f"{list(plan.outputs)}.")
     bricks = collection.bricks()
-    modules = {id(m): m for step in plan.steps for m in bricks[step.name].modules()}
+    graph_module, graph_outputs = build_graph_module(plan, bricks)
+    if tuple(graph_outputs) != tuple(plan.outputs):
+        raise BrickExportError(f"The stage graph returns {list(graph_outputs)}, expected {list(plan.outputs)}.")
+    modules = stage_modules([bricks[step.name] for step in plan.steps])
     # The GraphModule is listed too: the exporter warns when the top module is in training mode.
-    return _Target(plan, graph_module, bricks, (graph_module, *modules.values()))
+    return _Target(plan, graph_module, bricks, (graph_module, *modules))
 
 
-def _without_metrics(collection: BrickCollection, plan: StagePlan,
-                     outputs: Sequence[str] | None) -> tuple[BrickCollection, tuple[str, ...]]:
+def _exported_plan(collection: BrickCollection, stage: Stage, outputs: Sequence[str] | None) -> StagePlan:
+    """The stage's plan without its metric bricks.  Metric bricks run outside the graph and only read it: an
+    artifact has no use for them, nor for the outputs and bricks that only feed them, nor for their inputs
+    (targets).  Planned from the collection's specs, so no collection is built or changed (adding a brick
+    anywhere invalidates every collection's cached plans)."""
+    plan = collection.plan(stage, outputs)  # validates; errors name bricks and names
+    if all(step.in_graph for step in plan.steps):
+        return plan
     metric_values = {v for step in plan.steps if not step.in_graph for v in step.outputs}
     asked = [v for v in (outputs or ()) if v in metric_values]
     if asked:
         raise BrickExportError(f"Outputs {asked} are returned by metric bricks, which run outside the graph and "
                                f"cannot be exported; request model outputs instead.")
-    return _graph_bricks(collection), tuple(v for v in plan.outputs if v not in metric_values)
-
-
-def _graph_bricks(collection: BrickCollection) -> BrickCollection:
-    """The collection without its metric bricks: the same brick objects (shared) under the same keys and
-    nesting, so relative names resolve as before."""
-    members: dict[str, Any] = {}
-    for key, member in collection.items():
-        if isinstance(member, BrickCollection):
-            members[key] = _graph_bricks(member)
-        elif isinstance(member, Brick) and member.runs_in_graph:
-            members[key] = member
-    return BrickCollection(members)
+    specs, problems = collection.specs()
+    kept = tuple(v for v in plan.outputs if v not in metric_values)
+    return make_plan([spec for spec in specs if spec.in_graph], problems, stage, kept)
 
 
 @contextlib.contextmanager
 def _stage_modes(target: _Target) -> Iterator[None]:
     """The stage's modes, without gradients, while inside; afterwards the caller's modes (only the modules
     that were flipped are flipped back)."""
-    flipped = [m for m in target.modules if m.training is not target.training]
-    for module in flipped:
-        module.training = target.training
+    flipped = enter_modes(target.modules, target.training)
     try:
         with torch.no_grad():
             yield
     finally:
-        for module in flipped:
-            module.training = not target.training
+        exit_modes(flipped, target.training)
 
 
 @contextlib.contextmanager
 def _exact_cuda_float32(device: torch.device) -> Iterator[None]:
     """TF32 off for the eager reference on CUDA: the artifact is exported in float32 and onnxruntime runs
-    it with ``use_tf32=0``, so TF32 noise would only blur the comparison."""
+    it with ``use_tf32=0``, so TF32 noise would only blur the comparison.  Uses the ``fp32_precision``
+    settings where torch has them (reading the legacy ``allow_tf32`` flags raises once a user set the new
+    ones), the legacy flags otherwise; the caller's settings are restored."""
     if device.type != "cuda":
         yield
+        return
+    settings = [getattr(torch.backends.cuda, "matmul", None), getattr(torch.backends.cudnn, "conv", None),
+                getattr(torch.backends.cudnn, "rnn", None)]
+    precision = [s for s in settings if s is not None and hasattr(s, "fp32_precision")]
+    if len(precision) >= 2:  # torch >= 2.9: matmul and cuDNN convolutions (RNNs too where present)
+        saved_precision = [s.fp32_precision for s in precision]
+        try:
+            for setting in precision:
+                setting.fp32_precision = "ieee"
+            yield
+        finally:
+            for setting, value in zip(precision, saved_precision, strict=True):
+                setting.fp32_precision = value
         return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -234,11 +247,7 @@ def _example_args(target: _Target, named_inputs: Mapping[str, Any]) -> tuple[tor
     if not isinstance(named_inputs, Mapping):
         raise BrickExportError(f"named_inputs must be a dict {{input name: tensor}}, "
                                f"not {type(named_inputs).__name__}.")
-    missing = [n for n in target.input_names if n not in named_inputs]
-    if missing:
-        raise BrickGraphError([f"Input {n!r} needed to export stage {target.plan.stage.value} is missing from "
-                               f"named_inputs (given: {sorted(named_inputs)})." for n in missing],
-                              hint=f"the exported part of this stage needs the inputs {list(target.input_names)}.")
+    check_inputs(target.plan, dict(named_inputs))  # names the bricks that need a missing input
     bad = {n: type(named_inputs[n]).__name__ for n in target.input_names
            if not isinstance(named_inputs[n], torch.Tensor)}
     if bad:
@@ -248,22 +257,24 @@ def _example_args(target: _Target, named_inputs: Mapping[str, Any]) -> tuple[tor
 
 
 def _dynamic_axes(target: _Target, args: Sequence[torch.Tensor], dynamic_batch: bool,
-                  dynamic_shapes: Mapping[str, Mapping[int, Any]] | None) -> list[dict[int, Any]]:
+                  dynamic_shapes: Mapping[str, Mapping[int, Any]] | None,
+                  batch_name: str = BATCH) -> list[dict[int, Any]]:
     """Per input, ``{axis: dim name or torch.export.Dim}``.  The batch axis is axis 0 of every input whose
-    first size equals the first input's (inputs without it, e.g. a fixed anchor table, stay static)."""
+    first size equals the first input's (inputs without it, e.g. a fixed anchor table, stay static);
+    ``dynamic_shapes`` adds axes to it (and can rename or replace axis 0)."""
     axes: list[dict[int, Any]] = [{} for _ in args]
     batch = args[0].shape[0] if args and args[0].dim() else None
     if dynamic_batch and batch is not None:
         for axis_map, arg in zip(axes, args, strict=True):
             if arg.dim() and arg.shape[0] == batch:
-                axis_map[0] = BATCH
+                axis_map[0] = batch_name
     unknown = sorted(set(dynamic_shapes or {}) - set(target.input_names))
     if unknown:
         raise BrickGraphError([f"dynamic_shapes names {unknown}, which are not inputs of the exported stage."],
                               hint=f"the exported inputs are {list(target.input_names)}.")
     for index, name in enumerate(target.input_names):
         if dynamic_shapes and name in dynamic_shapes:
-            axes[index] = dict(dynamic_shapes[name])
+            axes[index] = {**axes[index], **dynamic_shapes[name]}
     return axes
 
 
@@ -346,11 +357,6 @@ def _eager_values(target: _Target, args: Sequence[torch.Tensor]) -> dict[str, An
     with _stage_modes(target), torch.set_grad_enabled(target.training), _exact_cuda_float32(device):
         run_steps(steps, values, named_inputs)
     return values
-
-
-def _all_reads(plan: StagePlan, step: BrickSpec) -> tuple[str, ...]:
-    """The values an ``"all"`` brick receives in the graph: the stage's inputs and earlier outputs."""
-    return tuple(dict.fromkeys((*plan.required_inputs, *plan.all_inputs.get(step.name, ()))))
 
 
 def _eager_outputs(target: _Target, values: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -523,31 +529,30 @@ def _size(staged: Path) -> int:
 
 # ============================================================================================ failures
 class _BrickAlone(nn.Module):
-    """One brick as a module of positional tensors, fed its eager inputs, for localizing export failures."""
+    """One brick as a module of positional tensors, fed its eager inputs, for localizing export failures;
+    called as the stage calls it (:func:`runtime.step_arguments`), its non-tensor inputs held constant."""
 
-    def __init__(self, module: nn.Module, step: BrickSpec, tensor_names: Sequence[str],
-                 constants: dict[str, Any], all_names: Sequence[str]) -> None:
+    def __init__(self, module: nn.Module, plan: StagePlan, step: BrickSpec, tensor_names: Sequence[str],
+                 constants: dict[str, Any]) -> None:
         super().__init__()
         self.brick = module
+        self.plan = plan
         self.step = step
         self.tensor_names = tuple(tensor_names)
         self.constants = constants
-        self.all_names = tuple(all_names)
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         values = {**self.constants, **dict(zip(self.tensor_names, tensors, strict=True))}
-        if self.step.takes_all:
-            return self.brick({n: values[n] for n in self.all_names})
-        return self.brick(*[values[n] for n in self.step.args], **{a: values[n] for a, n in self.step.kwargs})
+        args, kwargs = step_arguments(self.plan, self.step, values)
+        return self.brick(*args, **kwargs)
 
 
 def _brick_alone(target: _Target, step: BrickSpec, values: Mapping[str, Any]) -> tuple[_BrickAlone, tuple[Any, ...]]:
-    names = _all_reads(target.plan, step) if step.takes_all else tuple(dict.fromkeys(step.input_values))
-    names = tuple(n for n in names if n in values)
+    names = all_reads(target.plan, step) if step.takes_all else step.input_values
+    names = tuple(n for n in dict.fromkeys(names) if n in values)
     tensors = [n for n in names if isinstance(values[n], torch.Tensor)]
     constants = {n: values[n] for n in names if n not in tensors}
-    constants[STAGE_INPUT] = target.plan.stage
-    module = _BrickAlone(target.bricks[step.name].graph_module(), step, tensors, constants, names)
+    module = _BrickAlone(target.bricks[step.name].graph_module(), target.plan, step, tensors, constants)
     return module, tuple(values[n] for n in tensors)
 
 
@@ -563,21 +568,23 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {line}"
 
 
-def _localized_failure(target: _Target, trace_args: tuple[torch.Tensor, ...], axes: Sequence[Mapping[int, Any]],
-                       values: Mapping[str, Any], error: Exception, what: str,
-                       try_export: Callable[[nn.Module, tuple[Any, ...], list[dict[int, Any]]], None]
-                       ) -> BrickExportError:
+_TryExport = Callable[[nn.Module, tuple[Any, ...], list[dict[int, Any]]], None]
+
+
+def _localized_failure(exporter: _Exporter, target: _Target, trace_args: tuple[torch.Tensor, ...],
+                       axes: Sequence[Mapping[int, Any]], values: Mapping[str, Any],
+                       error: Exception) -> BrickExportError:
     """:func:`_localized_error` on the values of the traced inputs (those differ when a batch of one was
     doubled for tracing)."""
     missing = _missing_module(error)
     if missing is not None:  # an environment problem, not a brick's: do not blame the bricks
-        return BrickExportError(f"Exporting stage {target.plan.stage.value} {what} needs the module {missing!r}, "
-                                f"which is not installed (the dynamo exporter needs onnxscript); install it or pass "
-                                f"dynamo=False.")
+        return BrickExportError(f"Exporting stage {target.plan.stage.value} {exporter.what} needs the module "
+                                f"{missing!r}, which is not installed (the dynamo exporter needs onnxscript); "
+                                f"install it or pass dynamo=False.")
     batch = _batch_size(trace_args) if any(0 in axis_map for axis_map in axes) else None
     traced_example = all(a is values[n] for n, a in zip(target.input_names, trace_args, strict=True))
     trace_values = values if traced_example else _eager_values(target, trace_args)
-    return _localized_error(target, trace_values, error, what, try_export, batch)
+    return _localized_error(exporter, target, trace_values, error, batch)
 
 
 def _missing_module(error: BaseException) -> str | None:
@@ -592,11 +599,13 @@ def _missing_module(error: BaseException) -> str | None:
     return None
 
 
-def _localized_error(target: _Target, values: Mapping[str, Any], error: Exception, what: str,
-                     try_export: Callable[[nn.Module, tuple[Any, ...], list[dict[int, Any]]], None],
+def _localized_error(exporter: _Exporter, target: _Target, values: Mapping[str, Any], error: Exception,
                      batch: int | None) -> BrickExportError:
-    """Exports every live brick alone to find the ones that cannot be exported."""
-    failures = []
+    """Exports every live brick alone to find the ones that cannot be exported.  When every brick (of two or
+    more) fails alone exactly as the whole stage did, the bricks are not the cause: the export's
+    configuration is (options, opset, installed exporter)."""
+    stage, what = target.plan.stage.value, exporter.what
+    failures: list[tuple[BrickSpec, nn.Module, Exception]] = []
     with _stage_modes(target), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in target.plan.steps:
@@ -604,26 +613,109 @@ def _localized_error(target: _Target, values: Mapping[str, Any], error: Exceptio
             axes = [{0: BATCH} if batch is not None and a.dim() and a.shape[0] == batch else {} for a in args]
             module.training = target.training  # the wrapper only; the bricks are in the stage's mode already
             try:
-                try_export(module, args, axes)
+                exporter.try_brick(module, args, axes)
             except Exception as brick_error:
-                failures.append(f"- brick {step.name!r} ({type(module.brick).__name__}): {_reason(brick_error)}")
+                failures.append((step, module.brick, brick_error))
+    same = [(type(e), _reason(e)) == (type(error), _reason(error)) for _, _, e in failures]
+    if len(failures) > 1 and len(failures) == len(target.plan.steps) and all(same):
+        return BrickExportError(f"Exporting stage {stage} {what} failed, and every brick fails alone with the same "
+                                f"error, so the cause is the export's configuration (options, opset, installed "
+                                f"exporter), not a brick: {_reason(error)}\nHint: {exporter.config_hint}")
     if failures:
-        message = (f"Exporting stage {target.plan.stage.value} {what} failed; these bricks cannot be exported:\n"
-                   + "\n".join(failures))
+        message = (f"Exporting stage {stage} {what} failed; these bricks cannot be exported:\n"
+                   + "\n".join(f"- brick {step.name!r} ({type(brick).__name__}): {_reason(brick_error)}"
+                                for step, brick, brick_error in failures))
     else:
-        message = (f"Exporting stage {target.plan.stage.value} {what} failed although every brick "
-                   f"({', '.join(target.plan.bricks)}) exports on its own; the failure comes from their "
-                   f"combination: {_reason(error)}")
-    return BrickExportError(message + "\nHint: torch.export needs code without data-dependent Python control "
-                            "flow; see the chained exception for the full trace, or try dynamo=False / "
-                            "dynamic_batch=False.")
+        message = (f"Exporting stage {stage} {what} failed although every brick ({', '.join(target.plan.bricks)}) "
+                   f"exports on its own; the failure comes from their combination: {_reason(error)}")
+    return BrickExportError(f"{message}\nHint: {exporter.hint}")
+
+
+_TORCH_EXPORT_HINT = ("torch.export needs code without data-dependent Python control flow (no if/for on tensor "
+                      "values, no .item()/.numpy()); see the chained exception for the full trace")
+_EXPORTER_HINTS = {
+    "dynamo": f"the dynamo exporter traces with torch.export: {_TORCH_EXPORT_HINT}; or try dynamo=False / "
+              "dynamic_batch=False.",
+    "legacy": "the legacy exporter traces with TorchScript (torch.jit.trace), which needs tensor inputs and "
+              "outputs and ONNX-convertible operators; see the chained exception for the full trace, or try "
+              "dynamo=True.",
+    "torch.export": f"{_TORCH_EXPORT_HINT}; or try strict=True/False or dynamic_batch=False.",
+}
+
+
+# ============================================================================================ the sequence
+_Runs = Sequence[tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class _Exporter:
+    """What differs between the artifacts; :func:`_export` runs the sequence they share."""
+
+    format: str  # "onnx" | "pt2"
+    what: str  # "to ONNX": how messages name the export
+    artifact: str  # "ONNX file": how messages name the file
+    dynamo: bool
+    double_batch_of_one: bool  # torch.export specializes sizes 0 and 1 (the legacy exporter does not)
+    write: Callable[[_Target, tuple[torch.Tensor, ...], Sequence[Mapping[int, Any]], Path], None]
+    try_brick: _TryExport
+    verify: Callable[[Path, _Target, _Runs], tuple[tuple[OutputError, ...], tuple[str, ...]]]
+    inspect: Callable[[Path, _Target], int | None]  # checks the written file; returns its opset
+    hint: str
+    config_hint: str
+
+
+def _export(exporter: _Exporter, collection: BrickCollection, path: str | os.PathLike[str],
+            named_inputs: Mapping[str, torch.Tensor], *, stage: Stage | str, outputs: Sequence[str] | None,
+            dynamic_batch: bool, dynamic_shapes: Mapping[str, Mapping[int, Any]] | None, verify: bool,
+            overwrite: bool, batch_name: str = BATCH) -> ExportReport:
+    """Target, inputs, axes, eager reference, export into a staged file (localizing a failure), verification,
+    report; the file is moved into place only when all of it succeeded.  A TRAIN stage runs its eager
+    references in train mode: the model's buffers (BatchNorm statistics) are restored afterwards."""
+    stage = parse_stage(stage)
+    path = Path(path)
+    _refuse_existing(path, overwrite)  # fail before any work; checked again when the file is moved in
+    target = _target(collection, stage, outputs)
+    args = _example_args(target, named_inputs)
+    axes = _dynamic_axes(target, args, dynamic_batch, dynamic_shapes, batch_name)
+    trace_args = _trace_args(args, axes) if exporter.double_batch_of_one else args
+    kept = preserved_state(target.graph_module) if target.training else contextlib.nullcontext()
+    with kept:
+        values = _eager_values(target, args)  # before exporting: eager errors are the user's; localizing needs them
+        with _staged_file(path, overwrite) as staged:
+            start = time.perf_counter()
+            try:
+                with _stage_modes(target):
+                    exporter.write(target, trace_args, axes, staged)
+            except (BrickExportError, OSError):
+                raise  # our own checks and file system errors are not the bricks'
+            except Exception as error:
+                raise _localized_failure(exporter, target, trace_args, axes, values, error) from error
+            export_seconds = time.perf_counter() - start
+            opset = exporter.inspect(staged, target)
+            errors: tuple[OutputError, ...] = ()
+            providers: tuple[str, ...] = ()
+            batches: tuple[int, ...] = ()
+            verify_seconds = 0.0
+            if verify:
+                start = time.perf_counter()
+                runs = _verification_runs(target, args, axes, values)
+                errors, providers = exporter.verify(staged, target, runs)
+                verify_seconds = time.perf_counter() - start
+                batches = tuple(_batch_size(run_args) for run_args, _ in runs)
+                _check_errors(errors, target, exporter.artifact)
+            size = _size(staged)
+    return ExportReport(path=path, format=exporter.format, stage=stage, input_names=target.input_names,
+                        output_names=target.output_names, opset=opset, file_size_bytes=size, providers=providers,
+                        errors=errors, verified=verify, verified_batch_sizes=batches,
+                        dynamic_batch=any(0 in a for a in axes), dynamo=exporter.dynamo,
+                        export_seconds=export_seconds, verify_seconds=verify_seconds)
 
 
 # ============================================================================================ onnx
 def _onnx_export(module: nn.Module, args: tuple[Any, ...], destination: Path | None, *,
                  input_names: Sequence[str] | None, output_names: Sequence[str] | None,
                  axes: Sequence[Mapping[int, Any]], opset: int | None, dynamo: bool, external_data: bool | None,
-                 extra: Mapping[str, Any]) -> None:
+                 extra: Mapping[str, Any], batch_name: str = BATCH) -> None:
     """Runs ``torch.onnx.export``; with ``destination`` the model is saved there (and only there)."""
     names = list(input_names) if input_names is not None else [f"input_{k}" for k in range(len(args))]
     options: dict[str, Any] = {"opset_version": opset, "input_names": names,
@@ -638,8 +730,8 @@ def _onnx_export(module: nn.Module, args: tuple[Any, ...], destination: Path | N
         return
     dynamic_axes = {name: {axis: _dim_name(dim, name, axis) for axis, dim in axis_map.items()}
                     for name, axis_map in zip(names, axes, strict=True) if axis_map}
-    if output_names is not None and any(_dim_name(a.get(0), "", 0) == BATCH for a in axes if 0 in a):
-        dynamic_axes.update({name: {0: BATCH} for name in output_names})
+    if output_names is not None and any(_dim_name(a.get(0), "", 0) == batch_name for a in axes if 0 in a):
+        dynamic_axes.update({name: {0: batch_name} for name in output_names})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         sink: Any = str(destination) if destination is not None else io.BytesIO()
@@ -700,6 +792,21 @@ def _verify_onnx(path: Path, target: _Target, runs: Sequence[tuple[tuple[torch.T
     return _output_errors(compared, target.output_names, device), tuple(session.get_providers())
 
 
+def _check_onnx_kwargs(extra: Mapping[str, Any]) -> None:
+    reserved = sorted(_RESERVED_ONNX_KWARGS & set(extra))
+    if reserved:
+        raise BrickExportError(f"onnx_export_kwargs must not set {reserved}: export_onnx sets them itself (use "
+                               f"dynamic_batch / dynamic_shapes / opset / dynamo).")
+    parameters = inspect.signature(torch.onnx.export).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(extra) - set(parameters))
+    if unknown:
+        accepted = sorted(set(parameters) - _RESERVED_ONNX_KWARGS)
+        raise BrickExportError(f"onnx_export_kwargs {unknown} are not arguments of torch.onnx.export; this torch "
+                               f"accepts {accepted}.")
+
+
 def export_onnx(collection: BrickCollection, path: str | os.PathLike[str], named_inputs: Mapping[str, torch.Tensor], *,
                 stage: Stage | str = Stage.EXPORT, outputs: Sequence[str] | None = None, dynamic_batch: bool = True,
                 dynamic_shapes: Mapping[str, Mapping[int, Any]] | None = None, opset: int | None = None,
@@ -711,68 +818,54 @@ def export_onnx(collection: BrickCollection, path: str | os.PathLike[str], named
     ONNX input names are the stage's required inputs, output names the requested ``outputs`` (default:
     every value the stage's bricks produce).  ``dynamic_batch`` makes axis 0 of the inputs (those with the
     first input's batch size) and of the outputs dynamic; ``dynamic_shapes`` ``{input name: {axis: name or
-    torch.export.Dim}}`` sets other axes.  ``dynamo=True`` uses the torch.export-based exporter,
+    torch.export.Dim}}`` adds other axes.  ``dynamo=True`` uses the torch.export-based exporter,
     ``dynamo=False`` the legacy TorchScript one.  ``verify`` compares every output with eager on the example
     inputs and on random inputs with batch size + 1.  ``external_data`` (dynamo only; default: only above
     2 GB) stores the weights in ``<path>.data``.  ``onnx_export_kwargs`` go to ``torch.onnx.export``.
 
-    Raises ``BrickExportError`` (export failed: names the bricks; outputs differ; file exists) and
-    ``BrickGraphError`` (unknown outputs, missing inputs).  Nothing is written unless everything succeeded.
+    Raises ``BrickExportError`` (export failed: names the bricks; outputs differ; file exists; unknown
+    ``onnx_export_kwargs``) and ``BrickGraphError`` (unknown outputs, missing inputs).  Nothing is written
+    unless everything succeeded.
     """
-    stage = parse_stage(stage)
-    extra = dict(onnx_export_kwargs or {})
-    reserved = sorted(_RESERVED_ONNX_KWARGS & set(extra))
-    if reserved:
-        raise BrickExportError(f"onnx_export_kwargs must not set {reserved}: export_onnx sets them itself (use "
-                               f"dynamic_batch / dynamic_shapes / opset / dynamo).")
-    path = Path(path)
-    _refuse_existing(path, overwrite)  # fail before any work; checked again when the file is moved in
-    target = _target(collection, stage, outputs)
-    args = _example_args(target, named_inputs)
-    axes = _dynamic_axes(target, args, dynamic_batch, dynamic_shapes)
-    values = _eager_values(target, args)  # before exporting: eager errors are the user's, and localizing needs them
-    trace_args = _trace_args(args, axes) if dynamo else args
+    return _export_onnx(collection, path, named_inputs, stage=stage, outputs=outputs, dynamic_batch=dynamic_batch,
+                        dynamic_shapes=dynamic_shapes, opset=opset, verify=verify, overwrite=overwrite,
+                        dynamo=dynamo, external_data=external_data, onnx_export_kwargs=onnx_export_kwargs)
 
-    def try_export(module: nn.Module, brick_args: tuple[Any, ...], brick_axes: list[dict[int, Any]]) -> None:
+
+def _export_onnx(collection: BrickCollection, path: str | os.PathLike[str], named_inputs: Mapping[str, torch.Tensor],
+                 *, stage: Stage | str, outputs: Sequence[str] | None, dynamic_batch: bool,
+                 dynamic_shapes: Mapping[str, Mapping[int, Any]] | None, opset: int | None, verify: bool,
+                 overwrite: bool, dynamo: bool, external_data: bool | None,
+                 onnx_export_kwargs: Mapping[str, Any] | None, batch_name: str = BATCH) -> ExportReport:
+    """:func:`export_onnx` with the name of the batch dimension (the seed helper calls it ``batch_size``)."""
+    extra = dict(onnx_export_kwargs or {})
+    _check_onnx_kwargs(extra)
+
+    def write(target: _Target, args: tuple[torch.Tensor, ...], axes: Sequence[Mapping[int, Any]],
+              staged: Path) -> None:
+        _onnx_export(target.graph_module, args, staged, input_names=target.input_names,
+                     output_names=target.output_names, axes=axes, opset=opset, dynamo=dynamo,
+                     external_data=external_data, extra=extra, batch_name=batch_name)
+
+    def try_brick(module: nn.Module, brick_args: tuple[Any, ...], brick_axes: list[dict[int, Any]]) -> None:
         _onnx_export(module, brick_args, None, input_names=None, output_names=None, axes=brick_axes, opset=opset,
                      dynamo=dynamo, external_data=None, extra=extra)
 
-    with _staged_file(path, overwrite) as staged:
-        start = time.perf_counter()
-        try:
-            with _stage_modes(target):
-                _onnx_export(target.graph_module, trace_args, staged, input_names=target.input_names,
-                             output_names=target.output_names, axes=axes, opset=opset, dynamo=dynamo,
-                             external_data=external_data, extra=extra)
-        except Exception as error:
-            raise _localized_failure(target, trace_args, axes, values, error, "to ONNX", try_export) from error
-        export_seconds = time.perf_counter() - start
-        _check_onnx_names(staged, target)
-        errors: tuple[OutputError, ...] = ()
-        providers: tuple[str, ...] = ()
-        batches: tuple[int, ...] = ()
-        verify_seconds = 0.0
-        if verify:
-            start = time.perf_counter()
-            runs = _verification_runs(target, args, axes, values)
-            errors, providers = _verify_onnx(staged, target, runs)
-            verify_seconds = time.perf_counter() - start
-            batches = tuple(_batch_size(run_args) for run_args, _ in runs)
-            _check_errors(errors, target, "ONNX file")
-        opset_used = _onnx_names(staged)[2]
-        size = _size(staged)
-    return ExportReport(path=path, format="onnx", stage=stage, input_names=target.input_names,
-                        output_names=target.output_names, opset=opset_used, file_size_bytes=size,
-                        providers=providers, errors=errors, verified=verify, verified_batch_sizes=batches,
-                        dynamic_batch=any(0 in a for a in axes), dynamo=dynamo, export_seconds=export_seconds,
-                        verify_seconds=verify_seconds)
+    exporter = _Exporter(format="onnx", what="to ONNX", artifact="ONNX file", dynamo=dynamo,
+                         double_batch_of_one=dynamo, write=write, try_brick=try_brick, verify=_verify_onnx,
+                         inspect=_inspect_onnx, hint=_EXPORTER_HINTS["dynamo" if dynamo else "legacy"],
+                         config_hint="check opset and onnx_export_kwargs, or try dynamo=" + str(not dynamo) + ".")
+    return _export(exporter, collection, path, named_inputs, stage=stage, outputs=outputs,
+                   dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes, verify=verify, overwrite=overwrite,
+                   batch_name=batch_name)
 
 
-def _check_onnx_names(staged: Path, target: _Target) -> None:
-    inputs, outputs, _ = _onnx_names(staged)
+def _inspect_onnx(staged: Path, target: _Target) -> int | None:
+    inputs, outputs, opset = _onnx_names(staged)
     if outputs != list(target.output_names) or not set(inputs) <= set(target.input_names):
         raise BrickExportError(f"The exporter named the ONNX inputs {inputs} and outputs {outputs}, expected "
                                f"{list(target.input_names)} and {list(target.output_names)}.")
+    return opset
 
 
 def _batch_size(args: Sequence[torch.Tensor]) -> int:
@@ -819,52 +912,31 @@ def export_program(collection: BrickCollection, path: str | os.PathLike[str],
     example inputs and on random inputs with batch size + 1, after loading the saved file), atomic writes
     and failure localization work as in :func:`export_onnx`.
     """
-    stage = parse_stage(stage)
-    path = Path(path)
-    _refuse_existing(path, overwrite)  # fail before any work; checked again when the file is moved in
-    target = _target(collection, stage, outputs)
-    args = _example_args(target, named_inputs)
-    axes = _dynamic_axes(target, args, dynamic_batch, dynamic_shapes)
-    values = _eager_values(target, args)
-    trace_args = _trace_args(args, axes)
-    module = _NamedStage(target.graph_module, target.input_names, target.output_names)
-    named = dict(zip(target.input_names, trace_args, strict=True))
-    dims = _export_dims(axes, named=False) or ()  # a .pt2 has no axis names to keep
-    dynamic = any(d is not None for d in dims)
-    named_dims = (dict(zip(target.input_names, dims, strict=True)),) if dynamic else None
 
-    def try_export(brick: nn.Module, brick_args: tuple[Any, ...], brick_axes: list[dict[int, Any]]) -> None:
+    def write(target: _Target, args: tuple[torch.Tensor, ...], axes: Sequence[Mapping[int, Any]],
+              staged: Path) -> None:
+        module = _NamedStage(target.graph_module, target.input_names, target.output_names)
+        module.training = target.training
+        dims = _export_dims(axes, named=False) or ()  # a .pt2 has no axis names to keep
+        named_dims = (dict(zip(target.input_names, dims, strict=True)),) if any(d is not None for d in dims) else None
+        named = dict(zip(target.input_names, args, strict=True))
+        program = torch.export.export(module, (named,), dynamic_shapes=named_dims, strict=strict)
+        torch.export.save(program, staged)
+
+    def try_brick(brick: nn.Module, brick_args: tuple[Any, ...], brick_axes: list[dict[int, Any]]) -> None:
         _program(brick, brick_args, brick_axes, strict)
 
-    with _staged_file(path, overwrite) as staged:
-        start = time.perf_counter()
-        try:
-            with _stage_modes(target):
-                module.training = target.training
-                program = torch.export.export(module, (named,), dynamic_shapes=named_dims, strict=strict)
-        except Exception as error:
-            raise _localized_failure(target, trace_args, axes, values, error, "with torch.export",
-                                     try_export) from error
-        torch.export.save(program, staged)
-        export_seconds = time.perf_counter() - start
-        errors: tuple[OutputError, ...] = ()
-        batches: tuple[int, ...] = ()
-        verify_seconds = 0.0
-        if verify:
-            start = time.perf_counter()
-            runs = _verification_runs(target, args, axes, values)
-            loaded = torch.export.load(staged).module()
-            device = args[0].device if args else torch.device("cpu")
-            with torch.no_grad(), _exact_cuda_float32(device):  # same numerics as the eager reference
-                compared = [(loaded(dict(zip(target.input_names, run_args, strict=True))), eager)
-                            for run_args, eager in runs]
-            errors = _output_errors(compared, target.output_names, device)
-            verify_seconds = time.perf_counter() - start
-            batches = tuple(_batch_size(run_args) for run_args, _ in runs)
-            _check_errors(errors, target, "exported program")
-        size = _size(staged)
-    return ExportReport(path=path, format="pt2", stage=stage, input_names=target.input_names,
-                        output_names=target.output_names, opset=None, file_size_bytes=size, providers=(),
-                        errors=errors, verified=verify, verified_batch_sizes=batches,
-                        dynamic_batch=any(0 in a for a in axes), dynamo=True, export_seconds=export_seconds,
-                        verify_seconds=verify_seconds)
+    exporter = _Exporter(format="pt2", what="with torch.export", artifact="exported program", dynamo=True,
+                         double_batch_of_one=True, write=write, try_brick=try_brick, verify=_verify_program,
+                         inspect=lambda staged, target: None, hint=_EXPORTER_HINTS["torch.export"],
+                         config_hint=f"try strict={not strict}.")
+    return _export(exporter, collection, path, named_inputs, stage=stage, outputs=outputs,
+                   dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes, verify=verify, overwrite=overwrite)
+
+
+def _verify_program(staged: Path, target: _Target, runs: _Runs) -> tuple[tuple[OutputError, ...], tuple[str, ...]]:
+    loaded = torch.export.load(staged).module()
+    device = runs[0][0][0].device if runs[0][0] else torch.device("cpu")
+    with torch.no_grad(), _exact_cuda_float32(device):  # same numerics as the eager reference
+        compared = [(loaded(dict(zip(target.input_names, run_args, strict=True))), eager) for run_args, eager in runs]
+    return _output_errors(compared, target.output_names, device), ()
