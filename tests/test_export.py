@@ -4,6 +4,7 @@ free batch size, and are written atomically (or not at all)."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -485,3 +486,27 @@ def test_metric_stage_export_changes_no_collection(tmp_path):
     report = export_onnx(collection, tmp_path / "val.onnx", {"raw": torch.rand(2, 3, 16, 16)},
                          stage=Stage.VALIDATION, outputs=["logits"])
     assert report.input_names == ("raw",) and structure_version() == version  # cached plans stay valid
+
+
+def test_overwrite_removes_stale_external_data_and_keeps_the_old_files_on_failure(tmp_path, monkeypatch):
+    path, x = tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}
+    export_onnx(tiny(nn.Identity()), path, x, external_data=True)
+    old_model, old_data = path.read_bytes(), (tmp_path / "m.onnx.data").read_bytes()
+
+    real_replace = os.replace
+
+    def failing_replace(source, destination):
+        if Path(destination) == path:
+            raise OSError("disk full")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(tiny(nn.ReLU()), path, x, external_data=True, overwrite=True)
+    assert path.read_bytes() == old_model and (tmp_path / "m.onnx.data").read_bytes() == old_data
+    assert leftovers(tmp_path) == ["m.onnx", "m.onnx.data"]
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    export_onnx(tiny(nn.ReLU()), path, x, external_data=False, overwrite=True)
+    assert leftovers(tmp_path) == ["m.onnx"]  # the previous file's weights are gone with it
+    assert run_onnx(path, {"in put": torch.rand(3, 4)})["y"].shape == (3, 5)

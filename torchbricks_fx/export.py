@@ -466,16 +466,15 @@ def _check_errors(errors: Sequence[OutputError], target: _Target, what: str) -> 
 @contextlib.contextmanager
 def _staged_file(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yields a file path in a private folder next to ``path``; when the block succeeds, moves what was
-    written there (external data first, the main file last) into place.  Removes the folder in any case,
-    and the folders it created when nothing was written."""
+    written there into place (:func:`_commit`).  Removes the folder in any case, and the folders it created
+    when nothing was written."""
     _refuse_existing(path, overwrite)
     created = _make_parents(path.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     committed = False
     try:
         yield staging / path.name
-        names = [*sorted(p.name for p in staging.iterdir() if p.name != path.name), path.name]
-        _move_all(staging, path.parent, names, overwrite)
+        _commit(staging, path, overwrite)
         committed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -496,22 +495,57 @@ def _make_parents(folder: Path) -> list[Path]:
     return missing
 
 
-def _move_all(staging: Path, folder: Path, names: Sequence[str], overwrite: bool) -> None:
+def _commit(staging: Path, path: Path, overwrite: bool) -> None:
+    """Moves the staged files next to ``path``: external data first, the main file last, so a partial move
+    never leaves a loadable new artifact.  Replacing (``overwrite``), the files it replaces are kept in the
+    staging folder until the main file is in place and put back on failure; the previous file's external
+    data that the new file does not have (``<name>.data``) is removed only after the new file is in place."""
+    folder = path.parent
+    names = [*sorted(p.name for p in staging.iterdir() if p.name != path.name), path.name]
+    if not overwrite:
+        _move_all(staging, folder, names)
+        return
+    stale = [folder / n for n in (f"{path.name}.data",) if n not in names and (folder / n).exists()]
+    previous = Path(tempfile.mkdtemp(prefix=".previous.", dir=staging))  # removed with the staging folder
+    kept = {name: _keep(folder / name, previous / name) for name in names if (folder / name).exists()}
+    moved: list[str] = []
+    try:
+        for name in names:
+            os.replace(staging / name, folder / name)
+            moved.append(name)
+    except BaseException:
+        for name in reversed(moved):
+            if name in kept:
+                os.replace(kept[name], folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
+        raise
+    for sidecar in stale:
+        sidecar.unlink(missing_ok=True)
+
+
+def _keep(source: Path, copy: Path) -> Path:
+    """A second name (or, without hard links, a copy) of ``source``, to put it back after a failed move."""
+    try:
+        os.link(source, copy)
+    except OSError:
+        shutil.copy2(source, copy)
+    return copy
+
+
+def _move_all(staging: Path, folder: Path, names: Sequence[str]) -> None:
     moved: list[Path] = []
     try:
         for name in names:
-            _move(staging / name, folder / name, overwrite)
+            _move_new(staging / name, folder / name)
             moved.append(folder / name)
     except BaseException:
-        for done in moved:  # the main file comes last, so a partial move never leaves a loadable artifact
+        for done in moved:
             done.unlink(missing_ok=True)
         raise
 
 
-def _move(source: Path, destination: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(source, destination)
-        return
+def _move_new(source: Path, destination: Path) -> None:
     try:
         os.link(source, destination)  # atomic "create only if absent"
     except FileExistsError:
