@@ -510,3 +510,30 @@ def test_overwrite_removes_stale_external_data_and_keeps_the_old_files_on_failur
     export_onnx(tiny(nn.ReLU()), path, x, external_data=False, overwrite=True)
     assert leftovers(tmp_path) == ["m.onnx"]  # the previous file's weights are gone with it
     assert run_onnx(path, {"in put": torch.rand(3, 4)})["y"].shape == (3, 5)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_seed_export_bricks_as_onnx_rejects_what_it_cannot_honour(tmp_path):
+    torch.manual_seed(0)
+    collection = BrickCollection(multitask_bricks())
+    path, named_inputs = tmp_path / "seed.onnx", {"raw": torch.rand(2, 3, 16, 16)}
+    with pytest.raises(BrickExportError, match=r"\['input_names', 'output_names'\]") as info:
+        export_bricks_as_onnx(path, collection, named_inputs, dynamic_batch_size=True, input_names=["a"],
+                              output_names=["b"])
+    assert isinstance(info.value, TypeError)  # what the seed raised
+    with pytest.raises(BrickExportError, match=r"(?s)\['rwa'\].*inputs: \['raw'\]"):
+        export_bricks_as_onnx(path, collection, named_inputs, dynamic_batch_size=False, dynamic_axes={"rwa": [0]})
+    scored = BrickCollection({
+        "head": BrickTrainable(Linear(), input_names=["x"], output_names=["y"]),
+        "predict": BrickNotTrainable(lambda y: y.argmax(1), input_names=["y"], output_names=["class"]),
+        "accuracy": BrickMetricSingle(MulticlassAccuracy(num_classes=5), input_names=["class", "targets"]),
+    })
+    with pytest.raises(BrickExportError, match=r"\['targets'\]"):  # a metric's input is not in the file
+        export_bricks_as_onnx(path, scored, {"x": torch.rand(2, 4)}, dynamic_batch_size=False,
+                              dynamic_axes={"targets": [0]}, stage=Stage.VALIDATION)
+    assert leftovers(tmp_path) == []
+    for dynamo in (True, False):
+        export_bricks_as_onnx(path, collection, named_inputs, dynamic_batch_size=True, dynamo=dynamo)
+        model = onnx.load(str(path))
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch_size"  # the seed's name
+        assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch_size"
