@@ -449,6 +449,11 @@ def _output_errors(runs: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str,
     return tuple(errors)
 
 
+_TRAIN_HINT = (" The stage is TRAIN: modules run in train mode (BatchNorm batch statistics, random dropout), which "
+               "an exporter may write in eval form or which differs from run to run; export an eval stage (EXPORT, "
+               "INFERENCE) for deployment.")
+
+
 def _check_errors(errors: Sequence[OutputError], target: _Target, what: str) -> None:
     bad = [e for e in errors if not e.ok]
     if not bad:
@@ -459,7 +464,7 @@ def _check_errors(errors: Sequence[OutputError], target: _Target, what: str) -> 
     raise BrickExportError(f"The {what} does not reproduce eager for outputs {[e.name for e in bad]}:\n{details}\n"
                            "Hint: a mismatch only on the second (random, other batch size) input means a value was "
                            "frozen at trace time: .numpy()/.item()/Python numbers from tensors, or a shape used as a "
-                           "constant. Nothing was written.")
+                           "constant." + (_TRAIN_HINT if target.training else "") + " Nothing was written.")
 
 
 # ============================================================================================ files
