@@ -717,7 +717,8 @@ def _export(exporter: _Exporter, collection: BrickCollection, path: str | os.Pat
     args = _example_args(target, named_inputs)
     axes = _dynamic_axes(target, args, dynamic_batch, dynamic_shapes, batch_name)
     trace_args = _trace_args(args, axes) if exporter.double_batch_of_one else args
-    kept = preserved_state(target.graph_module) if target.training else contextlib.nullcontext()
+    live = nn.ModuleList([target.bricks[step.name] for step in target.plan.steps])  # the bricks, not a copy
+    kept = preserved_state(live) if target.training else contextlib.nullcontext()
     with kept:
         values = _eager_values(target, args)  # before exporting: eager errors are the user's; localizing needs them
         with _staged_file(path, overwrite) as staged:
