@@ -153,8 +153,8 @@ class BrickCollection(nn.ModuleDict):
             specs, problems = self.specs()
             plan = make_plan(specs, problems, stage, outputs)
             bricks = self.bricks()
-            live = [bricks[name] for name in plan.bricks]
-            program = _Program(version, plan, bind_steps(plan, plan.steps, bricks), stage_modules(live))
+            called = [bricks[step.name].graph_module() for step in plan.steps if step.in_graph]
+            program = _Program(version, plan, bind_steps(plan, plan.steps, bricks), stage_modules(called))
             self._programs[key] = program
         return program
 

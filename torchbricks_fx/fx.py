@@ -18,7 +18,7 @@ import keyword
 import operator
 import re
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -149,6 +149,8 @@ class StageModule(nn.Module):
     eval mode without gradients), restores the caller's modes, then updates the stage's metric bricks.
     """
 
+    _graph_forward: Callable[..., Any]
+
     def __init__(self, plan: StagePlan, bricks: dict[str, Brick]) -> None:
         super().__init__()
         self.plan = plan
@@ -161,7 +163,9 @@ class StageModule(nn.Module):
         taken: set[str] = set()
         self.metric_bricks = nn.ModuleDict({identifier(s.name, taken): bricks[s.name] for s in metric_specs})
         self._metric_steps = bind_steps(plan, metric_specs, bricks)
-        self._mode_modules = stage_modules([bricks[s.name] for s in plan.steps if s.in_graph])
+        # Only the modules the graph calls can change behaviour with the mode (not the brick wrappers).
+        self._mode_modules = stage_modules([bricks[s.name].graph_module() for s in plan.steps if s.in_graph])
+        self._outputs_are_graph_outputs = self.graph_output_names == self.output_names and not self._metric_steps
         self._training = plan.stage is Stage.TRAIN
         self._arity_checked = False
         self._bind_own_forward()
@@ -174,10 +178,13 @@ class StageModule(nn.Module):
         own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                                  function.__defaults__, function.__closure__)
         self.__dict__["forward"] = types.MethodType(own, self)
+        # Bound once: the hot path skips nn.Module.__getattr__ and GraphModule.__call__'s error wrapper.
+        self.__dict__["_graph_forward"] = self.graph_module.forward
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("forward", None)  # a per-instance function cannot be pickled; rebuilt on load
+        state.pop("_graph_forward", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -195,6 +202,8 @@ class StageModule(nn.Module):
         try:
             with torch.set_grad_enabled(training):
                 results = self._run_graph(args)
+                if self._outputs_are_graph_outputs:
+                    return dict(zip(self.output_names, results, strict=True))
                 values = dict(zip(self.graph_output_names, results, strict=True))
                 if self._metric_steps:
                     values = self._update_metrics(named_inputs, values)
@@ -212,7 +221,7 @@ class StageModule(nn.Module):
 
     def _run_graph(self, args: list[Any]) -> Any:
         if torch.compiler.is_compiling() or self._arity_checked:
-            return self.graph_module.forward(*args)
+            return self._graph_forward(*args)
         results = _ArityCheck(self.graph_module).run(*args)
         self._arity_checked = True
         return results

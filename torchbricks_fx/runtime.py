@@ -107,11 +107,11 @@ def check_inputs(plan: StagePlan, named_inputs: dict[str, Any]) -> None:
                                          "collection.plan(stage).required_inputs lists them.")
 
 
-def stage_modules(bricks: Sequence[Brick]) -> tuple[nn.Module, ...]:
-    """Every module under the given bricks once, for the per-call mode check."""
+def stage_modules(roots: Sequence[nn.Module]) -> tuple[nn.Module, ...]:
+    """Every module under ``roots`` once, for the per-call mode check."""
     seen: dict[int, nn.Module] = {}
-    for brick in bricks:
-        for module in brick.modules():
+    for root in roots:
+        for module in root.modules():
             seen.setdefault(id(module), module)
     return tuple(seen.values())
 
