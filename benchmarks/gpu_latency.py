@@ -18,7 +18,8 @@ from torch.utils.benchmark import Timer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.workloads import Workload, build_workloads
-from torchbricks_fx.benchmarking import benchmark, resize_batch, to_markdown
+from torchbricks_fx.benchmarking import benchmark, resize_batch
+from torchbricks_fx.reporting import to_markdown
 
 COMMAND = "python benchmarks/gpu_latency.py --markdown benchmarks/results/gpu_latency.md"
 BACKENDS = ("eager", "fx", "compile", "cudagraphs", "onnxruntime")

@@ -109,7 +109,7 @@ def _memory_gib() -> str:
 def machine_section(load_before: str | None) -> list[str]:
     import torch
 
-    from torchbricks_fx.benchmarking import cpu_model
+    from torchbricks_fx.reporting import cpu_model
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU only)"
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

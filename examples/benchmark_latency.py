@@ -17,7 +17,7 @@ import torch
 from _models import example_batch, multitask_bricks
 
 from torchbricks_fx import Stage, benchmark, profile_bricks
-from torchbricks_fx.benchmarking import plot, profile_to_markdown, to_json, to_markdown
+from torchbricks_fx.reporting import plot, profile_to_markdown, to_json, to_markdown
 
 OUTPUTS = ["classify/class_prediction", "segment/class_prediction"]
 

@@ -14,6 +14,7 @@ from torchbricks_fx import (
     BenchmarkResult,
     BrickBackendError,
     BrickCollection,
+    BrickExportError,
     BrickGraphError,
     BrickLoss,
     BrickMetricSingle,
@@ -24,17 +25,11 @@ from torchbricks_fx import (
     benchmark,
     profile_bricks,
 )
-from torchbricks_fx import backends as backends_module
-from torchbricks_fx.benchmarking import (
-    JSON_SCHEMA,
-    compare_outputs,
-    plot,
-    profile_to_markdown,
-    resize_batch,
-    results_from_json,
-    to_json,
-    to_markdown,
-)
+from torchbricks_fx import runners as backends_module
+from torchbricks_fx.benchmarking import resize_batch
+from torchbricks_fx.numerics import compare_outputs
+from torchbricks_fx.ort import ort_providers, require_cuda_provider
+from torchbricks_fx.reporting import JSON_SCHEMA, plot, profile_to_markdown, results_from_json, to_json, to_markdown
 
 FAST = 0.01
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -367,9 +362,13 @@ def test_a_collection_on_several_devices_is_refused_and_left_where_it_was():
 
 
 def test_onnx_names_other_than_the_stages_are_an_error_not_paired_by_position():
-    assert backends_module._io_names(["x"], ["x", "unused"], "inputs") == {"x": "x"}
-    with pytest.raises(BrickBackendError, match=r"inputs \['input_0'\], which are not the stage's inputs"):
-        backends_module._io_names(["input_0"], ["x"], "inputs")
+    from types import SimpleNamespace
+
+    from torchbricks_fx.ort import numpy_feeds
+
+    session = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name="input_0")])
+    with pytest.raises(BrickExportError, match=r"inputs \['input_0'\] that the stage does not have"):
+        numpy_feeds(session, {"x": torch.zeros(1)})
 
 
 def test_onnxruntime_on_cuda_without_its_provider_fails_clearly_before_exporting():
@@ -378,8 +377,8 @@ def test_onnxruntime_on_cuda_without_its_provider_fails_clearly_before_exporting
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has a CUDAExecutionProvider")
     with pytest.raises(BrickBackendError, match=r"no CUDAExecutionProvider.*onnxruntime-gpu"):
-        backends_module._ort_providers(torch.device("cuda", 0))
-    assert backends_module._ort_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+        require_cuda_provider(torch.device("cuda", 0))
+    assert ort_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
 
 
 def test_compare_outputs_never_reports_a_nan_difference_as_zero():

@@ -132,7 +132,8 @@ def test_cycle_names_the_bricks_on_it():
                                   "c": linear(["b"], ["c"]), "d": linear(["x"], ["d"])})
     with pytest.raises(BrickGraphError, match=r"cycle: 'a' -> 'b' -> 'c' -> 'a'") as info:
         collection.plan(Stage.TRAIN)
-    assert "d" not in info.value.problems[0].split("cycle:")[1]
+    assert "d" not in info.value.problems[0].message.split("cycle:")[1]
+    assert info.value.problems[0].kind == "cycle" and info.value.problems[0].stages == (Stage.TRAIN,)
 
 
 def test_self_loop_is_a_cycle():

@@ -1,39 +1,56 @@
 """torchbricks_fx: build PyTorch models from named bricks; compile each model stage into a pruned
 ``torch.fx.GraphModule`` for ``torch.compile``, ONNX export and latency benchmarking.
 
-Export and benchmarking pull in onnx/onnxruntime, so they are imported on first use.
+Every public name is imported on first use: ``import torchbricks_fx`` costs nothing, the command line's
+``--help`` needs no torch, and export or benchmarking pull in onnx/onnxruntime only when used.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-from torchbricks_fx.bricks import (
-    Brick,
-    BrickLoss,
-    BrickMetrics,
-    BrickMetricSingle,
-    BrickModule,
-    BrickNotTrainable,
-    BrickTrainable,
-)
-from torchbricks_fx.collection import BrickCollection
-from torchbricks_fx.errors import (
-    BrickBackendError,
-    BrickError,
-    BrickExportError,
-    BrickGraphError,
-    BrickOutputError,
-)
-from torchbricks_fx.fx import StageModule, compile_stage
-from torchbricks_fx.plan import StagePlan
-from torchbricks_fx.stage import Stage
 
 if TYPE_CHECKING:
     from torchbricks_fx.benchmarking import BenchmarkResult, BrickProfile, benchmark, profile_bricks
+    from torchbricks_fx.brick import (
+        Brick,
+        BrickInterface,
+        BrickLoss,
+        BrickMetrics,
+        BrickMetricSingle,
+        BrickModule,
+        BrickNotTrainable,
+        BrickTrainable,
+    )
+    from torchbricks_fx.collection import BrickCollection
+    from torchbricks_fx.errors import (
+        BrickBackendError,
+        BrickError,
+        BrickExportError,
+        BrickGraphError,
+        BrickOutputError,
+        GraphProblem,
+    )
     from torchbricks_fx.export import ExportReport, OutputError, export_onnx, export_program
+    from torchbricks_fx.fx import StageModule, compile_stage
+    from torchbricks_fx.plan import StagePlan
+    from torchbricks_fx.stage import Stage
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_PUBLIC = {
+    "torchbricks_fx.stage": ("Stage",),
+    "torchbricks_fx.errors": ("BrickBackendError", "BrickError", "BrickExportError", "BrickGraphError",
+                              "BrickOutputError", "GraphProblem"),
+    "torchbricks_fx.brick": ("Brick", "BrickInterface", "BrickLoss", "BrickMetricSingle", "BrickMetrics",
+                             "BrickModule", "BrickNotTrainable", "BrickTrainable"),
+    "torchbricks_fx.collection": ("BrickCollection",),
+    "torchbricks_fx.plan": ("StagePlan",),
+    "torchbricks_fx.fx": ("StageModule", "compile_stage"),
+    "torchbricks_fx.export": ("ExportReport", "OutputError", "export_onnx", "export_program"),
+    "torchbricks_fx.benchmarking": ("BenchmarkResult", "BrickProfile", "benchmark", "profile_bricks"),
+}
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 
 __all__ = [
     "BenchmarkResult",
@@ -43,6 +60,7 @@ __all__ = [
     "BrickError",
     "BrickExportError",
     "BrickGraphError",
+    "BrickInterface",
     "BrickLoss",
     "BrickMetricSingle",
     "BrickMetrics",
@@ -52,6 +70,7 @@ __all__ = [
     "BrickProfile",
     "BrickTrainable",
     "ExportReport",
+    "GraphProblem",
     "OutputError",
     "Stage",
     "StageModule",
@@ -63,21 +82,15 @@ __all__ = [
     "profile_bricks",
 ]
 
-_LAZY = {
-    "export_onnx": "torchbricks_fx.export",
-    "export_program": "torchbricks_fx.export",
-    "ExportReport": "torchbricks_fx.export",
-    "OutputError": "torchbricks_fx.export",
-    "benchmark": "torchbricks_fx.benchmarking",
-    "profile_bricks": "torchbricks_fx.benchmarking",
-    "BenchmarkResult": "torchbricks_fx.benchmarking",
-    "BrickProfile": "torchbricks_fx.benchmarking",
-}
-
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

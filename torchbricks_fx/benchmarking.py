@@ -14,53 +14,29 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
-import platform
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.benchmark import Timer
 
-from torchbricks_fx.backends import (
-    DEFAULT_BACKENDS,
-    BoundCall,
-    Runner,
-    batch_size_of,
-    check_batch_size,
-    make_runner,
-    parse_backends,
-    parse_device,
-    resize_batch,
-)
-from torchbricks_fx.errors import BrickBackendError
-from torchbricks_fx.export import compare_tensors
-from torchbricks_fx.runtime import enter_modes, exit_modes, preserved_state, stage_modules, step_arguments
+from torchbricks_fx.backends import DEFAULT_BACKENDS, check_batch_size, parse_backends, parse_device
+from torchbricks_fx.errors import BrickBackendError, error_summary
+from torchbricks_fx.numerics import compare_outputs
+from torchbricks_fx.runners import BoundCall, Runner, make_runner
+from torchbricks_fx.runtime import batch_size_of, preserved_state
 from torchbricks_fx.stage import Stage, parse_stage
 
-__all__ = [
-    "JSON_SCHEMA",
-    "BenchmarkResult",
-    "BrickProfile",
-    "benchmark",
-    "compare_outputs",
-    "cpu_model",
-    "environment",
-    "plot",
-    "profile_bricks",
-    "profile_to_markdown",
-    "resize_batch",
-    "results_from_json",
-    "time_statement",
-    "to_json",
-    "to_markdown",
-]
+if TYPE_CHECKING:
+    from torchbricks_fx.collection import BrickCollection
 
-JSON_SCHEMA = "torchbricks_fx.benchmark/1"
+__all__ = ["BenchmarkResult", "BrickProfile", "benchmark", "profile_bricks", "resize_batch", "time_statement"]
+
 WARMUP_CALLS = 3
 
 Progress = Callable[[str], None]
@@ -70,6 +46,8 @@ Progress = Callable[[str], None]
 class BenchmarkResult:
     """One backend at one batch size.  Times are seconds per call; ``None`` where not applicable or failed.
 
+    ``runs`` is the number of measurements behind the median and IQR; ``load_average`` the machine's 1-minute
+    load when the backend started (above the number of cores, timings are unreliable).
     ``setup_seconds`` is the one-time preparation of the backend (building the stage module; torch.compile's
     wrapper; export + verification + session creation for onnxruntime), ``warmup_seconds`` the untimed first
     calls at this batch size (where torch.compile really compiles).  ``matched`` says whether the outputs
@@ -96,6 +74,7 @@ class BenchmarkResult:
     max_abs_error: float | None = None
     failed: bool = False
     reason: str | None = None
+    load_average: float | None = None
 
     @property
     def compile_seconds(self) -> float | None:
@@ -116,6 +95,37 @@ class BrickProfile:
 
 
 # --------------------------------------------------------------------------------------------- inputs
+def resize_batch(named_inputs: Mapping[str, Any], batch_size: int,
+                 input_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The inputs at another batch size: dimension 0 repeated or sliced to ``batch_size`` for every tensor
+    whose dimension 0 is the current batch size (the first input's, see ``runtime.batch_size_of``).  Other
+    tensors (a fixed table of another length), 0-d tensors and other values are unchanged; so is a table
+    that happens to have the batch size as its length, which export would make dynamic too."""
+    check_batch_size(batch_size)
+    current = batch_size_of(named_inputs, input_names)
+    if current == batch_size or (current is None and batch_size == 1):
+        return dict(named_inputs)
+    if not current:
+        shapes = {n: list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                  for n, v in named_inputs.items()}
+        raise BrickBackendError(f"Cannot resize the inputs to batch size {batch_size}: the first input has no "
+                                f"batch to repeat (given: {shapes}).")
+    resized: dict[str, Any] = {}
+    for name, value in named_inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == current:
+            index = torch.arange(batch_size, device=value.device) % current
+            try:
+                resized[name] = value.index_select(0, index)
+            except (RuntimeError, MemoryError) as error:  # out of memory: say which batch size did it
+                size = value[:1].element_size() * value[:1].numel() * batch_size
+                raise BrickBackendError(f"Batch size {batch_size} does not fit in memory: input {name!r} alone "
+                                        f"needs {size / 2**30:.1f} GiB ({error_summary(error, 200)}); use smaller "
+                                        f"batch sizes.") from None
+        else:
+            resized[name] = value
+    return resized
+
+
 def _to_device(named_inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in named_inputs.items()}
 
@@ -175,30 +185,6 @@ def time_statement(stmt: str, globals: Mapping[str, Any], *, threads: int, min_r
     return timer.blocked_autorange(min_run_time=min_run_time)
 
 
-def compare_outputs(reference: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
-                    device: torch.device | str = "cpu") -> tuple[bool, float]:
-    """Whether ``got`` equals ``reference`` and the largest absolute error, output by output with
-    ``export.compare_tensors``: export's tolerance for the dtype and the ``device`` the outputs were computed
-    on (CUDA kernels choose other algorithms), integers and bools exactly, NaN against NaN and equal
-    infinities no error, a one-sided NaN an infinite error.  A missing or extra output, another shape or
-    another dtype is a mismatch with infinite error."""
-    matched, worst = set(reference) == set(got), 0.0 if set(reference) == set(got) else math.inf
-    for name, ref in reference.items():
-        value = got.get(name)
-        if value is None:
-            continue
-        ok, max_abs, _ = compare_tensors(value, ref, device)
-        matched, worst = matched and ok, max(worst, max_abs)
-    return matched, worst
-
-
-def _reason(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or "(no message)"
-    if len(text) > 600:
-        text = text[:600] + " ..."
-    return f"{type(error).__name__}: {text}"
-
-
 def _warm_up(runner: Runner, bound: BoundCall, device: torch.device) -> float:
     """Untimed first calls (compilation for compiled backends); seconds spent."""
     guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -250,21 +236,22 @@ def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping
                                matched=matched, max_abs_error=error)
 
 
-def _run_backend(name: str, collection: Any, stage: Stage, outputs: Sequence[str],
+def _run_backend(name: str, collection: BrickCollection, stage: Stage, outputs: Sequence[str],
                  inputs: Callable[[int], dict[str, Any]], references: Mapping[int, Mapping[str, torch.Tensor]], *,
-                 device: torch.device, threads: int, min_run_time: float, input_names: Sequence[str],
+                 device: torch.device, threads: int, min_run_time: float,
                  progress: Progress) -> list[BenchmarkResult]:
     """One backend at every batch size; ``inputs(batch_size)`` creates that batch's inputs on ``device``
     (one batch at a time, so no batch's memory counts in another's measurement)."""
-    bases = {bs: BenchmarkResult(backend=name, device=str(device), stage=stage.value, batch_size=bs, threads=threads)
-             for bs in references}
+    load = machine_load()
+    bases = {bs: BenchmarkResult(backend=name, device=str(device), stage=stage.value, batch_size=bs, threads=threads,
+                                 load_average=load) for bs in references}
     progress(f"{name}: preparing")
     try:
         runner = make_runner(name, collection, stage, outputs, named_inputs=inputs(next(iter(references))),
-                             device=device, threads=threads, input_names=input_names)
+                             device=device, threads=threads)
     except Exception as error:
-        progress(f"{name}: failed ({_reason(error)})")
-        return [dataclasses.replace(base, failed=True, reason=_reason(error)) for base in bases.values()]
+        progress(f"{name}: failed ({error_summary(error)})")
+        return [dataclasses.replace(base, failed=True, reason=error_summary(error)) for base in bases.values()]
     results = []
     try:
         for bs in references:
@@ -273,7 +260,7 @@ def _run_backend(name: str, collection: Any, stage: Stage, outputs: Sequence[str
                                   device=device)
             except Exception as error:
                 result = dataclasses.replace(bases[bs], setup_seconds=runner.setup_seconds, failed=True,
-                                             reason=_reason(error))
+                                             reason=error_summary(error))
             progress(_progress_line(result))
             results.append(result)
     finally:
@@ -283,11 +270,11 @@ def _run_backend(name: str, collection: Any, stage: Stage, outputs: Sequence[str
 
 def _progress_line(result: BenchmarkResult) -> str:
     head = f"{result.backend} batch {result.batch_size}:"
-    if result.failed:
+    if result.failed or result.median_s is None:
         return f"{head} failed ({result.reason})"
-    match = ("outputs match eager" if result.matched
-             else f"OUTPUTS DIFFER from eager (max error {_num(result.max_abs_error, '.3g')})")
-    return f"{head} {_ms(result.median_s)} ms median, {match}"
+    match = "outputs match eager" if result.matched else \
+        f"OUTPUTS DIFFER from eager (max error {result.max_abs_error:.3g})"
+    return f"{head} {result.median_s * 1e3:.3f} ms median of {result.runs} measurements, {match}"
 
 
 def _with_speedups(results: list[BenchmarkResult]) -> list[BenchmarkResult]:
@@ -300,13 +287,30 @@ def _with_speedups(results: list[BenchmarkResult]) -> list[BenchmarkResult]:
     return out
 
 
-def _reference_outputs(collection: Any, stage: Stage, named_inputs: Mapping[str, Any],
+def machine_load(progress: Progress | None = None, warn: bool = False) -> float | None:
+    """The 1-minute load average (``None`` where the OS has none); with ``warn``, a warning when it exceeds
+    the cores, because then the timed code shares them and its timings mean little."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cores = os.cpu_count() or 1
+    if warn and load > cores:
+        message = (f"The machine's load ({load:.1f}) exceeds its {cores} cores: other processes compete for them, "
+                   f"so timings are unreliable; benchmark on a quiet machine (and with threads=1).")
+        warnings.warn(message, stacklevel=3)
+        if progress is not None:
+            progress(f"warning: {message}")
+    return load
+
+
+def _reference_outputs(collection: BrickCollection, stage: Stage, named_inputs: Mapping[str, Any],
                        outputs: Sequence[str]) -> dict[str, torch.Tensor]:
     values = collection(dict(named_inputs), stage=stage)
     return {n: values[n].detach().cpu() for n in outputs if isinstance(values.get(n), torch.Tensor)}
 
 
-def benchmark(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage | str = Stage.INFERENCE,
+def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, stage: Stage | str = Stage.INFERENCE,
               outputs: Sequence[str] | None = None, backends: str | Sequence[str] = DEFAULT_BACKENDS,
               device: str | torch.device = "cpu", batch_sizes: Sequence[int] | None = None,
               threads: int | None = None, min_run_time: float = 1.0,
@@ -339,8 +343,8 @@ def benchmark(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage 
     if batch_size_of(named_inputs, order) is None and sizes != [1]:
         raise BrickBackendError(f"batch_sizes {sizes} need a batch dimension: the stage's first input "
                                 f"{order[0] if order else None!r} has none.")
-    if not min_run_time > 0:
-        raise BrickBackendError(f"min_run_time must be positive, not {min_run_time!r}.")
+    if not (isinstance(min_run_time, (int, float)) and 0 < min_run_time < math.inf):
+        raise BrickBackendError(f"min_run_time must be a positive, finite number of seconds, not {min_run_time!r}.")
     home = _home_device(collection)
     report = progress or (lambda _: None)
 
@@ -349,180 +353,40 @@ def benchmark(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage 
 
     with (_torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, home, dev),
           _on_cuda_device(dev)):
+        machine_load(report, warn=True)
         references = {bs: _reference_outputs(collection, stage, inputs(bs), plan.outputs) for bs in sizes}
         results: list[BenchmarkResult] = []
         for name in names:
             results += _run_backend(name, collection, stage, plan.outputs, inputs, references, device=dev,
-                                    threads=n_threads, min_run_time=min_run_time,
-                                    input_names=plan.required_inputs, progress=report)
+                                    threads=n_threads, min_run_time=min_run_time, progress=report)
     return _with_speedups(results)
 
 
 # --------------------------------------------------------------------------------------------- per brick
-def _brick_call(spec: Any, brick: Any, values: Mapping[str, Any], plan: Any) -> tuple[str, dict[str, Any]]:
-    """The statement and globals calling one brick on its captured inputs, as the stage calls it."""
-    # Metric bricks update state on every call: time a copy so the user's metric state stays untouched.
-    fn = brick.stage_callable(plan.stage) if spec.in_graph else copy.deepcopy(brick).stage_callable(plan.stage)
-    args, kwargs = step_arguments(plan, spec, values)
-    return "fn(*args, **kwargs)", {"fn": fn, "args": args, "kwargs": kwargs}
-
-
-def profile_bricks(collection: Any, named_inputs: Mapping[str, Any], *, stage: Stage | str = Stage.INFERENCE,
-                   outputs: Sequence[str] | None = None, device: str | torch.device = "cpu",
-                   threads: int | None = None, min_run_time: float = 0.2) -> list[BrickProfile]:
+def profile_bricks(collection: BrickCollection, named_inputs: Mapping[str, Any], *,
+                   stage: Stage | str = Stage.INFERENCE, outputs: Sequence[str] | None = None,
+                   device: str | torch.device = "cpu", threads: int | None = None,
+                   min_run_time: float = 0.2) -> list[BrickProfile]:
     """Latency of each brick that runs in ``stage`` (in execution order), timed with ``blocked_autorange`` on
     the brick's real inputs: the eager intermediate values are captured once, then each brick's call is timed
-    alone in the stage's mode and grad mode.  ``share`` is the brick's fraction of the summed medians."""
+    alone in the stage's modes.  ``share`` is the brick's fraction of the summed medians."""
     stage = parse_stage(stage)
     dev = parse_device(device)
-    plan = collection.plan(stage, outputs)
-    bricks = collection.bricks()
+    bound = collection.bound_stage(stage, outputs)
     home = _home_device(collection)
     with (_torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, home, dev),
           _on_cuda_device(dev)):
-        values = collection(_to_device(named_inputs, dev), stage=stage)
-        modules = stage_modules([bricks[name] for name in plan.bricks])
-        flipped = enter_modes(modules, stage.is_training)
-        try:
-            with torch.set_grad_enabled(stage.is_training):
-                timings = []
-                for spec in plan.steps:
-                    stmt, globals_ = _brick_call(spec, bricks[spec.name], values, plan)
-                    timings.append((spec.name, time_statement(stmt, globals_, threads=n_threads,
-                                                              min_run_time=min_run_time, description=spec.name)))
-        finally:
-            exit_modes(flipped, stage.is_training)
+        values = bound.run(_to_device(named_inputs, dev))
+        timings = []
+        with bound.modes():
+            for spec in bound.plan.steps:
+                brick = bound.bricks[spec.name]
+                # Metric bricks update state on every call: time a copy so the user's metrics stay untouched.
+                fn = brick.stage_callable(stage) if spec.in_graph else copy.deepcopy(brick).stage_callable(stage)
+                args, kwargs = bound.arguments(spec, values)
+                globals_ = {"fn": fn, "args": args, "kwargs": kwargs}
+                timings.append((spec.name, time_statement("fn(*args, **kwargs)", globals_, threads=n_threads,
+                                                          min_run_time=min_run_time, description=spec.name)))
     total = sum(float(m.median) for _, m in timings) or 1.0
     return [BrickProfile(brick=name, median_s=float(m.median), iqr_s=float(m.iqr), share=float(m.median) / total)
             for name, m in timings]
-
-
-# --------------------------------------------------------------------------------------------- rendering
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.3f}"
-
-
-def _num(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def to_markdown(results: Sequence[BenchmarkResult]) -> str:
-    """A Markdown table, one row per backend and batch size (failed backends with their reason)."""
-    header = ("| backend | device | batch | median ms | IQR ms | items/s | vs eager | setup s | warm-up s "
-              "| peak MiB | matches eager |")
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    for r in results:
-        if r.failed:
-            lines.append(f"| {r.backend} | {r.device} | {r.batch_size} | failed: {_cell(r.reason)} "
-                         f"| | | | | | | |")
-            continue
-        peak = None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20
-        match = "yes" if r.matched else f"NO (max error {_num(r.max_abs_error, '.3g')})"
-        lines.append(f"| {r.backend} | {r.device} | {r.batch_size} | {_ms(r.median_s)} | {_ms(r.iqr_s)} "
-                     f"| {_num(r.throughput, ',.0f')} | {_num(r.speedup_vs_eager, '.2f')}x "
-                     f"| {_seconds(r.setup_seconds)} | {_seconds(r.warmup_seconds)} | {_num(peak, '.1f')} | {match} |")
-    if results:
-        first = results[0]
-        lines.append(f"\nStage {first.stage}, {first.threads} thread(s); times per call.")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(text: str | None) -> str:
-    return (text or "").replace("|", "\\|").replace("\n", " ")
-
-
-def profile_to_markdown(profiles: Sequence[BrickProfile]) -> str:
-    """A Markdown table of per-brick latencies, in execution order."""
-    lines = ["| brick | median ms | IQR ms | share |", "|---|---:|---:|---:|"]
-    lines += [f"| {p.brick} | {_ms(p.median_s)} | {_ms(p.iqr_s)} | {p.share:.1%} |" for p in profiles]
-    return "\n".join(lines) + "\n"
-
-
-def environment() -> dict[str, Any]:
-    """Versions and machine facts stored with JSON results."""
-    import importlib.metadata
-
-    try:
-        ort_version: str | None = importlib.metadata.version("onnxruntime")
-    except importlib.metadata.PackageNotFoundError:
-        ort_version = None
-    return {"torch": torch.__version__, "onnxruntime": ort_version, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": cpu_model(), "cpu_count": os.cpu_count(),
-            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def to_json(results: Sequence[BenchmarkResult], *, indent: int | None = 2) -> str:
-    """JSON text: ``{"schema": "torchbricks_fx.benchmark/1", "environment": {...}, "results": [...]}``; each
-    result has every ``BenchmarkResult`` field plus ``compile_seconds``; times in seconds, ``null`` where
-    not applicable (and ``max_abs_error`` is ``null`` instead of infinity for mismatched shapes)."""
-    rows = []
-    for r in results:
-        row = dataclasses.asdict(r)
-        row["compile_seconds"] = r.compile_seconds
-        if row["max_abs_error"] is not None and not math.isfinite(row["max_abs_error"]):
-            row["max_abs_error"] = None
-        rows.append(row)
-    return json.dumps({"schema": JSON_SCHEMA, "environment": environment(), "results": rows}, indent=indent)
-
-
-def results_from_json(text: str) -> list[BenchmarkResult]:
-    """Results back from ``to_json`` text (for re-rendering or plotting)."""
-    data = json.loads(text)
-    if not isinstance(data, dict) or data.get("schema") != JSON_SCHEMA:
-        raise BrickBackendError(f"Not torchbricks_fx benchmark JSON (expected schema {JSON_SCHEMA!r}).")
-    names = {f.name for f in dataclasses.fields(BenchmarkResult)}
-    return [BenchmarkResult(**{k: v for k, v in row.items() if k in names}) for row in data["results"]]
-
-
-def plot(results: Sequence[BenchmarkResult], path: str | os.PathLike[str]) -> str:
-    """Writes a PNG of median latency per backend over batch sizes (needs matplotlib: ``pip install
-    torchbricks_fx[plot]``); returns the path."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise BrickBackendError("Plotting needs matplotlib: pip install 'torchbricks_fx[plot]'.") from None
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    try:
-        for backend in dict.fromkeys(r.backend for r in results):
-            points = sorted((r.batch_size, r.median_s * 1e3) for r in results
-                            if r.backend == backend and not r.failed and r.median_s is not None)
-            if points:
-                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-        axes.set_xscale("log", base=2)
-        axes.set_yscale("log")
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
-        axes.set_xticks(sorted({r.batch_size for r in results}))
-        axes.xaxis.set_major_formatter(plain)
-        axes.xaxis.set_minor_formatter(NullFormatter())
-        axes.yaxis.set_major_formatter(plain)
-        axes.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
-        axes.yaxis.set_minor_formatter(plain)
-        axes.set_xlabel("batch size")
-        axes.set_ylabel("median latency per call (ms)")
-        if results:
-            axes.set_title(f"stage {results[0].stage} on {results[0].device}, {results[0].threads} thread(s)")
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(os.fspath(path), dpi=120)
-    finally:
-        plt.close(figure)
-    return os.fspath(path)

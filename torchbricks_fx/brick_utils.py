@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from torchbricks_fx.collection import BrickCollection
-    from torchbricks_fx.export import ExportReport
+    from torchbricks_fx.export.report import ExportReport
 
 __all__ = ["export_bricks_as_onnx"]
 
@@ -42,7 +42,8 @@ def export_bricks_as_onnx(path_onnx: str | os.PathLike[str], brick_collection: B
     inputs) are understood; ``input_names`` / ``output_names`` are the stage's own and cannot be given;
     other keyword arguments go to ``torch.onnx.export``.
     """
-    from torchbricks_fx.export import _export_onnx, _exported_plan
+    from torchbricks_fx.export.onnx import export_onnx_named_batch
+    from torchbricks_fx.export.target import exported_plan
     from torchbricks_fx.stage import parse_stage
 
     kwargs = dict(onnx_export_kwargs)
@@ -58,14 +59,14 @@ def export_bricks_as_onnx(path_onnx: str | os.PathLike[str], brick_collection: B
     dynamo = bool(kwargs.pop("dynamo", True))
     dynamic_shapes = None
     if dynamic_axes is not None:
-        plan = _exported_plan(brick_collection, parse_stage(stage), None)  # the exported inputs, not metric targets
+        plan = exported_plan(brick_collection, parse_stage(stage), None)  # the exported inputs, not metric targets
         inputs, outputs = set(plan.required_inputs), set(plan.outputs)
         unknown = sorted(str(name) for name in dynamic_axes if name not in inputs | outputs)
         if unknown:
             raise BrickExportError(f"dynamic_axes names {unknown}, which are neither inputs nor outputs of the "
                                    f"exported stage; inputs: {sorted(inputs)}, outputs: {sorted(outputs)}.")
         dynamic_shapes = {name: _axis_map(axes, name) for name, axes in dynamic_axes.items() if name in inputs}
-    return _export_onnx(brick_collection, path_onnx, named_inputs, stage=stage, outputs=None,
+    return export_onnx_named_batch(brick_collection, path_onnx, named_inputs, stage=stage, outputs=None,
                         dynamic_batch=dynamic_batch_size, dynamic_shapes=dynamic_shapes, opset=opset, verify=True,
                         overwrite=True, dynamo=dynamo, external_data=None, onnx_export_kwargs=kwargs,
                         batch_name=SEED_BATCH)

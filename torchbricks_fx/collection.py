@@ -1,65 +1,40 @@
-"""BrickCollection: a (nested) dict of bricks that runs as one model, eagerly, by executing per-stage plans."""
+"""BrickCollection: a (nested) dict of bricks that runs as one model, eagerly, through per-stage bound plans.
+
+Each collection caches one :class:`~torchbricks_fx.runtime.BoundStage` per stage (and output selection).
+The cache belongs to the collection tree: a brick tells the collections holding it when its connections,
+alive stages, ``calculate_gradients`` or module change, a nested collection tells its parents when a
+member is added or removed, and each drops its bound stages.  Nothing else invalidates them.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
-import tempfile
-import urllib.parse
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from torchbricks_fx.bricks import STAGE_INPUT, Brick, bump_structure_version, structure_version
-from torchbricks_fx.errors import BrickError, BrickGraphError
-from torchbricks_fx.plan import (
-    PLAN_HINT,
-    BrickSpec,
-    StagePlan,
-    make_plan,
-    merge_stage_problems,
-    resolve_name,
-    spec_problems,
-    stage_problems,
-)
-from torchbricks_fx.runtime import (
-    BoundStep,
-    bind_steps,
-    check_inputs,
-    enter_modes,
-    exit_modes,
-    run_steps,
-    stage_modules,
-)
+from torchbricks_fx.brick import Brick, PlanMember
+from torchbricks_fx.errors import BrickGraphError, GraphProblem, merge_problems
+from torchbricks_fx.plan import PLAN_HINT, BrickSpec, StagePlan, make_plan, make_specs, resolve_name, stage_problems
+from torchbricks_fx.runtime import BoundStage
 from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = ["BrickCollection"]
 
-WEIGHTS_SUFFIX = ".pt"
-
-
-@dataclass(frozen=True)
-class _Program:
-    """A plan bound to this collection's modules: what eager ``forward`` executes."""
-
-    version: int
-    plan: StagePlan
-    steps: tuple[BoundStep, ...]
-    modules: tuple[nn.Module, ...]
-
-
-def _as_collection_member(key: object, value: object) -> nn.Module:
+def _check_key(key: object) -> str:
     if not isinstance(key, str) or not key or "." in key:
         raise BrickGraphError([f"Collection key {key!r} is not a valid brick name (a non-empty string "
                                f"without '.')."])
-    if hasattr(BrickCollection, key):
+    if key in _reserved_names():
         raise BrickGraphError([f"Brick name {key!r} clashes with the nn.Module attribute {key!r} of the collection; "
                                f"choose another name."])
+    return key
+
+
+def _as_member(key: str, value: object) -> PlanMember:
     if isinstance(value, (Brick, BrickCollection)):
         return value
     if isinstance(value, Mapping):
@@ -68,50 +43,81 @@ def _as_collection_member(key: object, value: object) -> nn.Module:
                            f"a brick, e.g. BrickTrainable(model, input_names=[...], output_names=[...])."])
 
 
-class BrickCollection(nn.ModuleDict):
+class BrickCollection(nn.ModuleDict, PlanMember):
     """A dict of bricks (nested dicts become nested collections) that runs as one model.
 
-    ``forward`` executes the stage's cached :class:`StagePlan`: bricks run in topological order of their
-    names, dead bricks are skipped, and modules run in the stage's mode (TRAIN: train mode with
-    gradients; other stages: eval mode without gradients); the caller's modes are restored afterwards.
+    ``forward`` executes the stage's bound plan: bricks run in topological order of their names, dead
+    bricks are skipped, metric bricks run after the model bricks, and modules run in the stage's mode
+    (TRAIN: train mode with gradients; other stages: eval mode without gradients); the caller's modes are
+    restored afterwards.
     """
 
+    _bound: dict[tuple[Stage, tuple[str, ...] | None], BoundStage]
+    revision: int  # bumped whenever the plans change (every change that drops the bound stages)
+
     def __init__(self, bricks: Mapping[str, Any] | None = None) -> None:
-        super().__init__()
-        self._programs: dict[tuple[Stage, tuple[str, ...] | None], _Program] = {}
+        nn.ModuleDict.__init__(self)  # PlanMember.__init__ runs inside (the MRO continues there)
+        self.__dict__["_bound"] = {}
+        self.__dict__["revision"] = 0
         if bricks is not None:
             if not isinstance(bricks, Mapping):
                 raise BrickGraphError([f"BrickCollection takes a dict of bricks, not {type(bricks).__name__}."])
             self.update(bricks)
 
-    # ------------------------------------------------------------------ dict operations invalidate plans
+    # ------------------------------------------------------------------ membership invalidates plans
     def __setitem__(self, key: str, value: Any) -> None:
-        super().__setitem__(key, _as_collection_member(key, value))
-        bump_structure_version()
+        member = _as_member(_check_key(key), value)
+        old = self._modules.get(key)
+        if isinstance(old, PlanMember):
+            old.remove_owner(self)
+        nn.ModuleDict.__setitem__(self, key, member)
+        member.add_owner(self)
+        self.plan_changed()
 
     def __delitem__(self, key: str) -> None:
-        super().__delitem__(key)
-        bump_structure_version()
+        old = self._modules.get(key)
+        nn.ModuleDict.__delitem__(self, key)
+        if isinstance(old, PlanMember):
+            old.remove_owner(self)
+        self.plan_changed()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, nn.Module) and not isinstance(value, (Brick, BrickCollection)):
-            raise BrickGraphError([f"Collection entry {name!r} is a {type(value).__name__}, not a brick."])
-        super().__setattr__(name, value)
         if isinstance(value, nn.Module):
-            bump_structure_version()
+            self[name] = value  # the same checks and bookkeeping as collection[name] = brick
+            return
+        nn.Module.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in self._modules:
+            del self[name]
+            return
+        nn.Module.__delattr__(self, name)
 
     def clear(self) -> None:
-        super().clear()
-        bump_structure_version()
+        for key in list(self._modules):
+            del self[key]
 
     def update(self, modules: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
         items = modules.items() if isinstance(modules, Mapping) else modules
         for key, value in items:
             self[key] = value
 
+    def plan_changed(self) -> None:
+        """Drops the bound stages and tells the collections holding this one."""
+        self._bound.clear()
+        self.__dict__["revision"] += 1
+        PlanMember.plan_changed(self)
+
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        return {**state, "_programs": {}}  # bound programs hold module references; rebuild them lazily
+        state = PlanMember.__getstate__(self)
+        state["_bound"] = {}  # bound stages hold module references; rebuilt lazily
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        PlanMember.__setstate__(self, state)
+        for member in self._modules.values():
+            if isinstance(member, PlanMember):
+                member.add_owner(self)
 
     # ------------------------------------------------------------------ bricks and plans
     def named_bricks(self, prefix: str = "",
@@ -121,68 +127,51 @@ class BrickCollection(nn.ModuleDict):
             name = f"{prefix}{key}"
             if isinstance(member, BrickCollection):
                 yield from member.named_bricks(prefix=f"{name}.", scope=(*scope, key))
-            else:
-                yield name, scope, member  # type: ignore[misc]
+            elif isinstance(member, Brick):
+                yield name, scope, member
 
     def bricks(self) -> dict[str, Brick]:
         """Every brick by dotted name (``"heads.classifier"``)."""
         return {name: brick for name, _, brick in self.named_bricks()}
 
-    def specs(self) -> tuple[tuple[BrickSpec, ...], list[str]]:
+    def specs(self) -> tuple[tuple[BrickSpec, ...], list[GraphProblem]]:
         """The bricks' resolved connections and the problems found in their names."""
-        return spec_problems(self.named_bricks())
+        return make_specs(self.named_bricks())
 
     def plan(self, stage: Stage | str, outputs: Sequence[str] | None = None) -> StagePlan:
         """The stage's plan: bricks in execution order, required inputs, outputs and pruned bricks (with
         reasons).  ``outputs`` keeps only the bricks those outputs need.  Raises ``BrickGraphError``."""
-        return self._program(parse_stage(stage), outputs).plan
+        return self.bound_stage(stage, outputs).plan
 
     def check(self, stages: Iterable[Stage | str] | None = None) -> None:
         """Validates every stage (or ``stages``) and raises one ``BrickGraphError`` listing every problem."""
         specs, problems = self.specs()
-        checked = [parse_stage(stage) for stage in (Stage if stages is None else stages)]
-        problems += merge_stage_problems({stage: stage_problems(specs, stage)[1] for stage in checked})
+        for stage in [parse_stage(stage) for stage in (Stage if stages is None else stages)]:
+            problems += stage_problems(specs, stage)[1]
         if problems:
-            raise BrickGraphError(problems, hint=PLAN_HINT)
+            raise BrickGraphError(merge_problems(problems), hint=PLAN_HINT)
 
-    def _program(self, stage: Stage, outputs: Sequence[str] | None = None) -> _Program:
+    def bound_stage(self, stage: Stage | str, outputs: Sequence[str] | None = None) -> BoundStage:
+        """The stage's plan bound to this collection's bricks, built once and kept until a brick changes."""
+        stage = parse_stage(stage)
         key = (stage, None if outputs is None else tuple(outputs))
-        program = self._programs.get(key)
-        version = structure_version()
-        if program is None or program.version != version:
+        bound = self._bound.get(key)
+        if bound is None:
             specs, problems = self.specs()
-            plan = make_plan(specs, problems, stage, outputs)
-            bricks = self.bricks()
-            called = [bricks[step.name].graph_module() for step in plan.steps if step.in_graph]
-            program = _Program(version, plan, bind_steps(plan, plan.steps, bricks), stage_modules(called))
-            self._programs[key] = program
-        return program
+            bound = BoundStage.bind(make_plan(specs, problems, stage, outputs), self.bricks())
+            self._bound[key] = bound
+        return bound
 
     # ------------------------------------------------------------------ running
     def forward(self, named_inputs: dict[str, Any], stage: Stage | str,
                 return_inputs: bool = True) -> dict[str, Any]:
         """Runs the bricks alive in ``stage`` and returns every value by name (inputs included unless
         ``return_inputs=False``)."""
-        stage = parse_stage(stage)
-        program = self._program(stage)
-        check_inputs(program.plan, named_inputs)
-        values = dict(named_inputs)
-        values[STAGE_INPUT] = stage
-        training = stage is Stage.TRAIN
-        flipped = enter_modes(program.modules, training)
-        try:
-            with torch.set_grad_enabled(training):
-                run_steps(program.steps, values, named_inputs)
-        finally:
-            exit_modes(flipped, training)
-        del values[STAGE_INPUT]
+        values = self.bound_stage(stage).run(named_inputs)
         if not return_inputs:
             for name in named_inputs:
                 values.pop(name, None)
         return values
-
-    def run_now(self, stage: Stage) -> bool:
-        return True
 
     def extract_losses(self, named_outputs: Mapping[str, Any]) -> dict[str, Any]:
         """The loss values among ``named_outputs`` (outputs named in the bricks' ``loss_output_names``,
@@ -213,80 +202,21 @@ class BrickCollection(nn.ModuleDict):
 
     # ------------------------------------------------------------------ per-brick weights
     def save_bricks(self, folder: str | os.PathLike[str]) -> Path:
-        """Saves each brick's weights to ``folder/<brick name>.pt``.  The folder is written next to its final
-        place and renamed into it, so a failure leaves neither a partial folder nor a damaged old one."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            for name, _, brick in self.named_bricks():
-                state = brick.state_dict()
-                if state:
-                    torch.save(state, staging / _weights_file(name))
-            _replace_folder(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return folder
+        """Saves each brick's weights to ``folder/<brick name>.pt`` (see :func:`torchbricks_fx.weights.save_bricks`:
+        the old folder stays loadable until the new one is complete)."""
+        from torchbricks_fx.weights import save_bricks
+
+        return save_bricks(self, folder)
 
     def load_bricks(self, folder: str | os.PathLike[str]) -> None:
-        """Loads per-brick weights saved by ``save_bricks`` (``weights_only=True``).  Bricks without a file
-        keep their weights and are warned about by name; nothing is loaded unless every file fits."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise BrickError(f"No brick weights folder at {str(folder)!r}.")
-        states, missing = {}, []
-        for name, _, brick in self.named_bricks():
-            path = folder / _weights_file(name)
-            if path.exists():
-                states[name] = torch.load(path, map_location="cpu", weights_only=True)
-            elif brick.state_dict():
-                missing.append(name)
-        bricks = self.bricks()
-        problems = [p for name, state in states.items() for p in _state_problems(name, bricks[name], state)]
-        if problems:
-            raise BrickError("Brick weights do not fit; nothing was loaded:\n" + "\n".join(problems))
-        for name, state in states.items():
-            bricks[name].load_state_dict(state)
-        known = {_weights_file(name) for name in bricks}
-        unknown = sorted(p.name for p in folder.glob(f"*{WEIGHTS_SUFFIX}") if p.name not in known)
-        if missing:
-            warnings.warn(f"No weights file for brick(s) {missing} in {str(folder)!r}; they keep their weights.",
-                          stacklevel=2)
-        if unknown:
-            warnings.warn(f"Weights files {unknown} in {str(folder)!r} match no brick; they were ignored.",
-                          stacklevel=2)
+        """Loads per-brick weights saved by ``save_bricks`` (``weights_only=True``); nothing is loaded unless
+        every file fits (see :func:`torchbricks_fx.weights.load_bricks`)."""
+        from torchbricks_fx.weights import load_bricks
+
+        load_bricks(self, folder)
 
 
-def _weights_file(brick_name: str) -> str:
-    return urllib.parse.quote(brick_name, safe="._-") + WEIGHTS_SUFFIX
-
-
-def _state_problems(name: str, brick: Brick, state: Mapping[str, Any]) -> list[str]:
-    expected = brick.state_dict()
-    problems = []
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        problems.append(f"- brick {name!r}: missing keys {missing}, unexpected keys {unexpected}")
-    for key in set(expected) & set(state):
-        if tuple(expected[key].shape) != tuple(state[key].shape):
-            problems.append(f"- brick {name!r}: {key} has shape {tuple(state[key].shape)} in the file, "
-                            f"{tuple(expected[key].shape)} in the brick")
-    return problems
-
-
-def _replace_folder(staging: Path, folder: Path) -> None:
-    """Renames ``staging`` to ``folder``; an existing ``folder`` is moved aside first and removed after."""
-    if not folder.exists():
-        staging.rename(folder)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-    old.rmdir()
-    folder.rename(old)
-    try:
-        staging.rename(folder)
-    except BaseException:
-        old.rename(folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+@functools.cache
+def _reserved_names() -> frozenset[str]:
+    """Attribute names of a collection (class and instance): a brick with such a key would shadow them."""
+    return frozenset(dir(BrickCollection)) | frozenset(BrickCollection().__dict__)

@@ -1,9 +1,10 @@
-"""StagePlan -> ``torch.fx.GraphModule`` (one ``call_module`` node per brick) and :class:`StageModule`.
+"""BoundStage -> ``torch.fx.GraphModule`` (one ``call_module`` node per brick) and :class:`StageModule`.
 
 The graph is written directly from the plan instead of being traced: bricks stay leaves, so ordinary
 Python inside them (control flow, asserts) is fine, and ``torch.compile`` / ``torch.export`` trace inside
-them later.  Metric bricks stay out of the graph (they are stateful); :class:`StageModule` updates them
-eagerly on the graph's outputs.
+them later.  Node arguments come from the same :meth:`Binding.arguments` the eager runtime uses.  Metric
+bricks stay out of the graph (they are stateful); :class:`StageModule` updates them eagerly on the graph's
+outputs.
 
 Node metadata (``node.meta``):
 
@@ -18,26 +19,22 @@ import keyword
 import operator
 import re
 import types
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
 from torch import nn
 
-from torchbricks_fx.bricks import STAGE_INPUT, Brick, call_without_grad, name_outputs
-from torchbricks_fx.errors import BrickGraphError
-from torchbricks_fx.plan import PLAN_HINT, StagePlan
-from torchbricks_fx.runtime import (
-    all_reads,
-    bind_steps,
-    check_inputs,
-    enter_modes,
-    exit_modes,
-    run_steps,
-    stage_modules,
-)
+from torchbricks_fx.binding import STAGE_INPUT, name_outputs
+from torchbricks_fx.brick import call_without_grad
+from torchbricks_fx.errors import BrickError
+from torchbricks_fx.runtime import BoundStage, add_brick_note, check_inputs, enter_modes, exit_modes
 from torchbricks_fx.stage import Stage, parse_stage
+
+if TYPE_CHECKING:
+    from torchbricks_fx.collection import BrickCollection
+    from torchbricks_fx.plan import StagePlan
 
 __all__ = ["META_BRICK", "META_OUTPUTS", "META_VALUE", "StageModule", "build_graph_module", "compile_stage"]
 
@@ -60,45 +57,29 @@ def identifier(name: str, taken: set[str]) -> str:
 
 def _graph_outputs(plan: StagePlan, produced: set[str]) -> tuple[str, ...]:
     """Requested outputs the graph produces, then the values metric bricks read from it."""
-    metric_inputs = [v for step in plan.steps if not step.in_graph for v in step.input_values]
+    metric_inputs = [v for step in plan.steps if not step.in_graph
+                     for v in (*step.input_values, *step.binding.all_values)]
     return tuple(dict.fromkeys(v for v in (*plan.outputs, *metric_inputs) if v in produced))
 
 
-def _check_metric_consumers(plan: StagePlan) -> None:
-    metric_values = {v: step.name for step in plan.steps if not step.in_graph for v in step.outputs}
-    problems = [f"Brick {step.name!r} reads {value!r}, returned by metric brick {metric_values[value]!r}: metrics "
-                f"run outside the compiled graph, so graph bricks cannot read their values."
-                for step in plan.steps if step.in_graph for value in step.input_values if value in metric_values]
-    if problems:
-        raise BrickGraphError(problems, hint=PLAN_HINT)
-
-
-def build_graph_module(plan: StagePlan, bricks: dict[str, Brick]) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:
-    """Writes the stage's graph: a placeholder per required input, a ``call_module`` node per graph brick
+def build_graph_module(bound: BoundStage) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:
+    """Writes the stage's graph: a placeholder per required input, a ``call_module`` node per model brick
     (calling the brick's own module, shared, not copied), ``getitem`` nodes for tuple outputs.  Returns the
     GraphModule and the value names of its (tuple) outputs."""
-    _check_metric_consumers(plan)
+    plan = bound.plan
     graph = torch.fx.Graph()
     taken: set[str] = set()
-    env: dict[str, torch.fx.Node] = {}
+    env: dict[str, Any] = {STAGE_INPUT: plan.stage}
     for name in plan.required_inputs:
         env[name] = graph.placeholder(identifier(name, taken))
         env[name].meta[META_VALUE] = name
     root: dict[str, Any] = {}
-
-    def value(name: str) -> Any:
-        return plan.stage if name == STAGE_INPUT else env[name]
-
     for step in plan.steps:
         if not step.in_graph:
             continue
         target = identifier(step.name, taken)
-        root[target] = bricks[step.name].graph_module()
-        if step.takes_all:
-            args: tuple[Any, ...] = ({n: env[n] for n in all_reads(plan, step) if n in env},)
-        else:
-            args = tuple(value(v) for v in step.args)
-        kwargs = {argument: value(v) for argument, v in step.kwargs}
+        root[target] = bound.bricks[step.name].graph_module(plan.stage)
+        args, kwargs = step.binding.arguments(env)
         if step.blocks_gradients and plan.stage is Stage.TRAIN:
             node = graph.call_function(call_without_grad, (graph.get_attr(target), *args), kwargs)
         else:
@@ -111,12 +92,12 @@ def build_graph_module(plan: StagePlan, bricks: dict[str, Brick]) -> tuple[torch
             env[output] = graph.create_node("call_function", operator.getitem, (node, index),
                                             name=identifier(output, taken))
             env[output].meta[META_VALUE] = output
-    outputs = _graph_outputs(plan, set(env) - set(plan.required_inputs))
+    outputs = _graph_outputs(plan, set(env) - {STAGE_INPUT, *plan.required_inputs})
     graph.output(tuple(env[name] for name in outputs))
     _drop_unused_getitems(graph)
     graph.lint()
     graph_module = torch.fx.GraphModule(root, graph, class_name=f"{plan.stage.name.title()}Graph")
-    graph_module.training = plan.stage is Stage.TRAIN
+    graph_module.training = bound.training
     for target, module in root.items():
         # Found in the instance dict, generated code skips nn.Module.__getattr__ (~1 us per brick per call).
         graph_module.__dict__[target] = module
@@ -135,38 +116,57 @@ class _ArityCheck(torch.fx.Interpreter):
     brick is one node, so a wrong tuple would otherwise flow on silently)."""
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except Exception as error:
+            if META_BRICK in n.meta and not isinstance(error, BrickError):
+                add_brick_note(error, n.meta[META_BRICK])
+            raise
         if META_BRICK in n.meta:
             name_outputs(n.meta[META_BRICK], result, n.meta[META_OUTPUTS])
         return result
+
+
+def raising_brick(graph_module: torch.fx.GraphModule, error: BaseException) -> str | None:
+    """The brick whose node raised ``error`` in a call of ``graph_module``'s generated code, from the
+    traceback's line in that code (the line-to-node map torch.fx records when it writes the code)."""
+    code = graph_module.forward.__code__
+    lineno_map = getattr(graph_module, "_lineno_map", None)
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_frame.f_code is not code:
+        traceback = traceback.tb_next
+    if traceback is None or not lineno_map:
+        return None
+    index = lineno_map.get(traceback.tb_lineno - code.co_firstlineno)
+    nodes = list(graph_module.graph.nodes)
+    return nodes[index].meta.get(META_BRICK) if index is not None and index < len(nodes) else None
 
 
 class StageModule(nn.Module):
     """One stage of a collection as a module: ``forward(named_inputs) -> {output name: value}``.
 
     It runs ``graph_module`` (positional inputs in ``input_names`` order, a tuple of outputs) in the
-    stage's mode, whatever mode the modules were left in (TRAIN: train mode with gradients; other stages:
-    eval mode without gradients), restores the caller's modes, then updates the stage's metric bricks.
+    stage's modes (:meth:`BoundStage.modes`), whatever mode the modules were left in, then updates the
+    stage's metric bricks.
     """
 
     _graph_forward: Callable[..., Any]
+    _bound: BoundStage
 
-    def __init__(self, plan: StagePlan, bricks: dict[str, Brick]) -> None:
+    def __init__(self, bound: BoundStage) -> None:
         super().__init__()
+        plan = bound.plan
         self.plan = plan
         self.stage = plan.stage
         self.input_names = plan.required_inputs
         self.output_names = plan.outputs
         self.pruned = plan.pruned
-        self.graph_module, self.graph_output_names = build_graph_module(plan, bricks)
-        metric_specs = [step for step in plan.steps if not step.in_graph]
+        self.graph_module, self.graph_output_names = build_graph_module(bound)
         taken: set[str] = set()
-        self.metric_bricks = nn.ModuleDict({identifier(s.name, taken): bricks[s.name] for s in metric_specs})
-        self._metric_steps = bind_steps(plan, metric_specs, bricks)
-        # Only the modules the graph calls can change behaviour with the mode (not the brick wrappers).
-        self._mode_modules = stage_modules([bricks[s.name].graph_module() for s in plan.steps if s.in_graph])
-        self._outputs_are_graph_outputs = self.graph_output_names == self.output_names and not self._metric_steps
-        self._training = plan.stage is Stage.TRAIN
+        self.metric_bricks = nn.ModuleDict({identifier(step.name, taken): bound.bricks[step.name]
+                                            for step in plan.steps if not step.in_graph})
+        self.__dict__["_bound"] = bound  # not a submodule: the graph and metric_bricks hold the modules
+        self._outputs_are_graph_outputs = self.graph_output_names == self.output_names and not bound.metric_steps
         self._arity_checked = False
         self._bind_own_forward()
 
@@ -180,11 +180,16 @@ class StageModule(nn.Module):
         self.__dict__["forward"] = types.MethodType(own, self)
         # Bound once: the hot path skips nn.Module.__getattr__ and GraphModule.__call__'s error wrapper.
         self.__dict__["_graph_forward"] = self.graph_module.forward
+        if self._bound.metric_steps:
+            # Metrics are stateful and full of data-dependent shapes: under torch.compile they stay eager,
+            # behind this one deliberate graph break, instead of Dynamo tracing (and breaking inside)
+            # torchmetrics.  Applied only here: importing Dynamo costs seconds.
+            self.__dict__["_update_metrics"] = torch.compiler.disable(self._bound.update_metrics)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("forward", None)  # a per-instance function cannot be pickled; rebuilt on load
-        state.pop("_graph_forward", None)
+        for name in ("forward", "_graph_forward", "_update_metrics"):
+            state.pop(name, None)  # per-instance functions cannot be pickled; rebuilt on load
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -197,45 +202,50 @@ class StageModule(nn.Module):
         except KeyError:
             check_inputs(self.plan, named_inputs)
             raise
-        training = self._training
-        flipped = enter_modes(self._mode_modules, training)
+        # The stage's modes as in BoundStage.modes(), spelled out: Dynamo resumes after the metric update's
+        # deliberate graph break inside torch.set_grad_enabled, not inside a user-defined context manager.
+        bound = self._bound
+        training = bound.training
+        flipped = enter_modes(bound.modules, training)
         try:
             with torch.set_grad_enabled(training):
                 results = self._run_graph(args)
                 if self._outputs_are_graph_outputs:
                     return dict(zip(self.output_names, results, strict=True))
                 values = dict(zip(self.graph_output_names, results, strict=True))
-                if self._metric_steps:
+                if bound.metric_steps:
                     values = self._update_metrics(named_inputs, values)
         finally:
             exit_modes(flipped, training)
         return {name: values[name] for name in self.output_names}
 
-    @torch.compiler.disable
-    def _update_metrics(self, named_inputs: dict[str, Any], graph_values: dict[str, Any]) -> dict[str, Any]:
-        # Metrics are stateful and full of data-dependent shapes: under torch.compile they stay eager, behind
-        # this one deliberate graph break, instead of Dynamo tracing (and breaking inside) torchmetrics.
-        values = {**named_inputs, **graph_values, STAGE_INPUT: self.stage}
-        run_steps(self._metric_steps, values, named_inputs)
-        return values
+    def _update_metrics(self, named_inputs: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+        return self._bound.update_metrics(named_inputs, values)  # replaced per instance (see _bind_own_forward)
 
     def _run_graph(self, args: list[Any]) -> Any:
-        if torch.compiler.is_compiling() or self._arity_checked:
+        if torch.compiler.is_compiling():
             return self._graph_forward(*args)
-        results = _ArityCheck(self.graph_module).run(*args)
-        self._arity_checked = True
-        return results
+        if not self._arity_checked:
+            results = _ArityCheck(self.graph_module).run(*args)
+            self._arity_checked = True
+            return results
+        try:
+            return self._graph_forward(*args)
+        except Exception as error:
+            brick = raising_brick(self.graph_module, error)
+            if brick is not None and not isinstance(error, BrickError):
+                add_brick_note(error, brick)
+            raise
 
     def extra_repr(self) -> str:
         return f"stage={self.stage.value}, inputs={list(self.input_names)}, outputs={list(self.output_names)}"
 
 
-def compile_stage(collection: Any, stage: Stage | str, *, outputs: Sequence[str] | None = None) -> StageModule:
+def compile_stage(collection: BrickCollection, stage: Stage | str, *,
+                  outputs: Sequence[str] | None = None) -> StageModule:
     """Plans ``stage`` of ``collection`` and writes it as a :class:`StageModule` over a pruned GraphModule.
 
     ``outputs`` selects the values to return (default: every value the stage's bricks produce); only the
     bricks they need (and the stage's metric bricks) are kept.  Raises ``BrickGraphError``.
     """
-    stage = parse_stage(stage)
-    plan = collection.plan(stage, outputs)
-    return StageModule(plan, collection.bricks())
+    return StageModule(collection.bound_stage(parse_stage(stage), outputs))

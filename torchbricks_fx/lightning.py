@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,7 +38,7 @@ from torch import nn
 from torchbricks_fx.collection import BrickCollection
 from torchbricks_fx.errors import BrickError
 from torchbricks_fx.fx import compile_stage
-from torchbricks_fx.plan import StagePlan
+from torchbricks_fx.runtime import batch_size_of
 from torchbricks_fx.stage import Stage, parse_stage
 
 __all__ = ["BrickLightningModule", "OptimizerFactory"]
@@ -66,17 +65,7 @@ def _scalars(name: str, value: Any) -> list[tuple[str, Any]] | None:
     return None
 
 
-@dataclass
-class _CachedStage:
-    """A built stage module and what it was built from: rebuilt only when the plan or a module changes."""
-
-    plan: StagePlan
-    modules: tuple[nn.Module, ...]  # each live brick and its model, held so their ids cannot be reused
-    module: Callable[[dict[str, Any]], dict[str, Any]]
-
-    def matches(self, plan: StagePlan, modules: tuple[nn.Module, ...]) -> bool:
-        return (plan == self.plan and len(modules) == len(self.modules)
-                and all(a is b for a, b in zip(modules, self.modules, strict=True)))
+_Cached = tuple[int, Callable[[dict[str, Any]], dict[str, Any]]]  # (collection revision, stage module)
 
 
 class BrickLightningModule(pl.LightningModule):
@@ -103,25 +92,21 @@ class BrickLightningModule(pl.LightningModule):
         self.outputs = {parse_stage(stage): tuple(names) for stage, names in (outputs or {}).items()}
         # Kept out of the module tree (a plain dict): stage modules share the collection's modules, and
         # registering them would duplicate every weight in the state dict.
-        self._stage_modules: dict[Stage, _CachedStage] = {}
+        self._stage_modules: dict[Stage, _Cached] = {}
         self._unlogged_metrics: set[str] = set()
 
     # ------------------------------------------------------------------ stages
     def stage_module(self, stage: Stage | str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-        """The compiled module of ``stage``, built on first use and rebuilt only when the stage's plan or the
-        modules of its bricks change (not when unrelated bricks are built elsewhere in the process)."""
+        """The compiled module of ``stage``, built on first use and rebuilt only when the collection's plans
+        change (a brick's connections, stages or module; not when unrelated bricks are built elsewhere)."""
         stage = parse_stage(stage)
-        outputs = self.outputs.get(stage)
-        plan = self.collection.plan(stage, outputs)
-        bricks = self.collection.bricks()
-        modules = tuple(module for name in plan.bricks
-                        for module in (bricks[name], getattr(bricks[name], "model", bricks[name])))
-        cached = self._stage_modules.get(stage)
-        if cached is None or not cached.matches(plan, modules):
-            module = compile_stage(self.collection, stage, outputs=outputs)
-            cached = _CachedStage(plan, modules, torch.compile(module) if self.use_compile else module)
+        cached: _Cached | None = self._stage_modules.get(stage)
+        revision = self.collection.revision
+        if cached is None or cached[0] != revision:
+            module = compile_stage(self.collection, stage, outputs=self.outputs.get(stage))
+            cached = (revision, torch.compile(module) if self.use_compile else module)
             self._stage_modules[stage] = cached
-        return cached.module
+        return cached[1]
 
     def named_inputs(self, batch: Any) -> dict[str, Any]:
         """A batch as a dict of named inputs (see ``batch_names``)."""
@@ -224,6 +209,5 @@ class BrickLightningModule(pl.LightningModule):
 
 
 def _batch_size(named_inputs: Mapping[str, Any]) -> int | None:
-    # Lightning cannot tell which entry of a dict batch carries the batch size; the first tensor does.
-    first = next((v for v in named_inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-    return None if first is None else int(first.shape[0])
+    # Lightning cannot tell which entry of a dict batch carries the batch size; the first batched tensor does.
+    return batch_size_of({n: v for n, v in named_inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0})

@@ -1,6 +1,13 @@
-"""What both runtimes (eager collection, compiled stage) share: bound steps and stage modes.
+"""The bound stage: the one way a stage runs.
 
-Kept tiny and allocation-light: this is the per-call hot path.
+A :class:`BoundStage` is a plan bound to the collection's modules: the callable of every live brick, the
+modules whose mode matters, and :meth:`BoundStage.modes`, the only place that puts modules in a stage's
+mode (TRAIN: train mode with gradients; every other stage: eval mode without) and restores the caller's
+afterwards.  The eager collection, :class:`~torchbricks_fx.fx.StageModule`, export's reference run,
+``benchmark`` and ``profile_bricks`` all run stages through it.
+
+Metric bricks run after every model brick of a call has succeeded, so a failing call updates no metric.
+This module is the per-call hot path: kept allocation-light.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchbricks_fx.bricks import STAGE_INPUT, Brick, name_outputs
-from torchbricks_fx.errors import BrickError, BrickGraphError
-from torchbricks_fx.plan import BrickSpec, StagePlan, _closest
+from torchbricks_fx.binding import STAGE_INPUT, Binding, name_outputs
+from torchbricks_fx.brick import Brick
+from torchbricks_fx.errors import BrickError, BrickGraphError, GraphProblem, add_note
+from torchbricks_fx.plan import PLAN_HINT, BrickSpec, StagePlan, closest_names
+from torchbricks_fx.stage import Stage
 
-__all__ = ["BoundStep", "all_reads", "bind_steps", "check_inputs", "enter_modes", "exit_modes", "preserved_state",
-           "run_steps", "stage_modules", "step_arguments"]
+__all__ = ["BoundStage", "BoundStep"]
 
 
 @dataclass(frozen=True)
@@ -28,92 +36,9 @@ class BoundStep:
 
     name: str
     fn: Callable[..., Any]
-    args: tuple[str, ...]
-    kwargs: tuple[tuple[str, str], ...]
-    takes_all: bool
-    all_values: tuple[str, ...]
+    binding: Binding
     outputs: tuple[str, ...]
-    returns_dict: bool
-
-
-def bind_steps(plan: StagePlan, steps: Sequence[BrickSpec], bricks: dict[str, Brick]) -> tuple[BoundStep, ...]:
-    bound = []
-    for spec in steps:
-        brick = bricks[spec.name]
-        bound.append(BoundStep(name=spec.name, fn=brick.stage_callable(plan.stage), args=spec.args,
-                               kwargs=spec.kwargs, takes_all=spec.takes_all,
-                               all_values=plan.all_inputs.get(spec.name, ()), outputs=spec.outputs,
-                               returns_dict=not spec.in_graph and bool(spec.outputs)))
-    return tuple(bound)
-
-
-def run_steps(steps: Sequence[BoundStep], values: dict[str, Any], named_inputs: Mapping[str, Any]) -> None:
-    """Runs ``steps`` in order, reading and writing ``values`` by name.  ``"all"`` bricks receive the
-    external ``named_inputs`` and the outputs of the bricks declared before them."""
-    step = None
-    try:
-        for step in steps:
-            if step.takes_all:
-                result = step.fn({**named_inputs, **{name: values[name] for name in step.all_values}})
-            elif step.kwargs:
-                result = step.fn(*[values[n] for n in step.args], **{a: values[n] for a, n in step.kwargs})
-            else:
-                result = step.fn(*[values[n] for n in step.args])
-            outputs = step.outputs
-            if len(outputs) == 1 and not isinstance(result, (tuple, dict)):
-                values[outputs[0]] = result
-            elif step.returns_dict:
-                values.update((name, result[name]) for name in outputs)
-            elif outputs:
-                values.update(zip(outputs, name_outputs(step.name, result, outputs), strict=True))
-    except Exception as error:
-        if step is not None and not isinstance(error, BrickError) and hasattr(error, "add_note"):
-            error.add_note(f"(raised in brick {step.name!r})")
-        raise
-
-
-def all_reads(plan: StagePlan, step: BrickSpec) -> tuple[str, ...]:
-    """The values an ``"all"`` brick receives in a compiled stage: the stage's external inputs, then the
-    outputs of the live bricks declared before it."""
-    return tuple(dict.fromkeys((*plan.required_inputs, *plan.all_inputs.get(step.name, ()))))
-
-
-def step_arguments(plan: StagePlan, step: BrickSpec, values: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """The positional and keyword arguments ``step`` is called with, read from ``values`` (the stage constant
-    for ``"stage"``; a dict for ``"all"`` bricks).  For tools that call one brick at a time (profiling,
-    export localization); ``run_steps`` inlines the same rules on the hot path."""
-    if step.takes_all:
-        return [{name: values[name] for name in all_reads(plan, step) if name in values}], {}
-
-    def value(name: str) -> Any:
-        return plan.stage if name == STAGE_INPUT else values[name]
-
-    return [value(name) for name in step.args], {argument: value(name) for argument, name in step.kwargs}
-
-
-def check_inputs(plan: StagePlan, named_inputs: dict[str, Any]) -> None:
-    """Raises a :class:`BrickGraphError` naming each missing input and the bricks that need it."""
-    missing = [name for name in plan.required_inputs if name not in named_inputs]
-    if not missing:
-        return
-    produced = [v for step in plan.steps for v in step.outputs]
-    problems = []
-    for name in missing:
-        users = [step.name for step in plan.steps if name in step.input_values]
-        problems.append(f"Input {name!r} needed by brick {', '.join(map(repr, users))} in stage "
-                        f"{plan.stage.value} is missing from named_inputs (given: {sorted(named_inputs)})."
-                        + _closest(name, [*named_inputs, *produced]))
-    raise BrickGraphError(problems, hint=f"this stage needs the inputs {list(plan.required_inputs)}; "
-                                         "collection.plan(stage).required_inputs lists them.")
-
-
-def stage_modules(roots: Sequence[nn.Module]) -> tuple[nn.Module, ...]:
-    """Every module under ``roots`` once, for the per-call mode check."""
-    seen: dict[int, nn.Module] = {}
-    for root in roots:
-        for module in root.modules():
-            seen.setdefault(id(module), module)
-    return tuple(seen.values())
+    returns_dict: bool  # a metric collection returning {metric name: value}
 
 
 def enter_modes(modules: Sequence[nn.Module], training: bool) -> list[nn.Module]:
@@ -127,6 +52,162 @@ def enter_modes(modules: Sequence[nn.Module], training: bool) -> list[nn.Module]
 def exit_modes(flipped: Sequence[nn.Module], training: bool) -> None:
     for module in flipped:
         module.training = not training
+
+
+class StageModes:
+    """Context manager: modules in the stage's mode and grad mode for the block, the caller's afterwards
+    (only the modules that were flipped are flipped back).  A class, not a generator: it is on every call."""
+
+    __slots__ = ("_flipped", "_grad", "_modules", "_previous_grad", "_training")
+
+    def __init__(self, modules: Sequence[nn.Module], training: bool, grad: bool) -> None:
+        self._modules = modules
+        self._training = training
+        self._grad = grad
+
+    def __enter__(self) -> None:
+        self._flipped = enter_modes(self._modules, self._training)
+        self._previous_grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(self._grad)
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.set_grad_enabled(self._previous_grad)
+        exit_modes(self._flipped, self._training)
+
+
+@dataclass(frozen=True, eq=False)
+class BoundStage:
+    """A :class:`StagePlan` bound to its bricks: model steps (the graph's bricks) in execution order, then
+    metric steps, and the modules whose mode matters (every module a model brick calls)."""
+
+    plan: StagePlan
+    model_steps: tuple[BoundStep, ...]
+    metric_steps: tuple[BoundStep, ...]
+    modules: tuple[nn.Module, ...]
+    bricks: Mapping[str, Brick]
+
+    @classmethod
+    def bind(cls, plan: StagePlan, bricks: Mapping[str, Brick]) -> BoundStage:
+        """Binds ``plan`` to ``bricks`` (dotted name -> brick).  Raises ``BrickGraphError`` when a model brick
+        reads a metric brick's output: metrics run after the model bricks (and outside compiled graphs)."""
+        _check_metric_consumers(plan)
+        live = {step.name: bricks[step.name] for step in plan.steps}
+        model = tuple(_bind_step(plan.stage, spec, live[spec.name]) for spec in plan.steps if spec.in_graph)
+        metrics = tuple(_bind_step(plan.stage, spec, live[spec.name]) for spec in plan.steps if not spec.in_graph)
+        called = [live[spec.name].graph_module(plan.stage) for spec in plan.steps if spec.in_graph]
+        return cls(plan, model, metrics, _unique_modules(called), live)
+
+    @property
+    def stage(self) -> Stage:
+        return self.plan.stage
+
+    @property
+    def training(self) -> bool:
+        return self.plan.stage is Stage.TRAIN
+
+    def modes(self, grad: bool | None = None) -> StageModes:
+        """The stage's modes for a block; ``grad`` overrides the stage's grad mode (export traces without)."""
+        training = self.training
+        return StageModes(self.modules, training, training if grad is None else grad)
+
+    def run(self, named_inputs: Mapping[str, Any], *, metrics: bool = True) -> dict[str, Any]:
+        """Runs the stage eagerly in its modes; returns the inputs and every value the bricks produce (and
+        updates the metric bricks unless ``metrics=False``)."""
+        check_inputs(self.plan, named_inputs)
+        values = dict(named_inputs)
+        values[STAGE_INPUT] = self.plan.stage
+        with self.modes():
+            run_steps(self.model_steps, values)
+            if metrics and self.metric_steps:
+                run_steps(self.metric_steps, values)
+        del values[STAGE_INPUT]
+        return values
+
+    def update_metrics(self, named_inputs: Mapping[str, Any], graph_values: Mapping[str, Any]) -> dict[str, Any]:
+        """Runs the metric steps on the model's values (a compiled graph's outputs); returns every value."""
+        values = {**named_inputs, **graph_values, STAGE_INPUT: self.plan.stage}
+        run_steps(self.metric_steps, values)
+        return values
+
+    def arguments(self, spec: BrickSpec, values: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments one brick is called with, read from ``values`` (for tools that call one brick at a
+        time: profiling, export's failure localization)."""
+        return spec.binding.arguments({**values, STAGE_INPUT: self.plan.stage})
+
+
+def _bind_step(stage: Stage, spec: BrickSpec, brick: Brick) -> BoundStep:
+    return BoundStep(name=spec.name, fn=brick.stage_callable(stage), binding=spec.binding, outputs=spec.outputs,
+                     returns_dict=not spec.in_graph and bool(spec.outputs))
+
+
+def _unique_modules(roots: Sequence[nn.Module]) -> tuple[nn.Module, ...]:
+    seen: dict[int, nn.Module] = {}
+    for root in roots:
+        for module in root.modules():
+            seen.setdefault(id(module), module)
+    return tuple(seen.values())
+
+
+def _check_metric_consumers(plan: StagePlan) -> None:
+    metric_values = {v: step.name for step in plan.steps if not step.in_graph for v in step.outputs}
+    problems = [GraphProblem("metric_consumer", f"Brick {step.name!r} reads {value!r}, returned by metric brick "
+                                                f"{metric_values[value]!r}: metrics run after the model bricks (and "
+                                                f"outside compiled graphs), so model bricks cannot read their values.",
+                             step.name, value)
+                for step in plan.steps if step.in_graph for value in step.input_values if value in metric_values]
+    if problems:
+        raise BrickGraphError(problems, hint=PLAN_HINT)
+
+
+def run_steps(steps: Sequence[BoundStep], values: dict[str, Any]) -> None:
+    """Runs ``steps`` in order, reading and writing ``values`` by name (which holds the stage constant).
+    An error raised inside a brick gets a note naming the brick."""
+    step = None
+    try:
+        for step in steps:
+            args, kwargs = step.binding.arguments(values)
+            result = step.fn(*args, **kwargs)
+            outputs = step.outputs
+            if len(outputs) == 1 and not isinstance(result, (tuple, dict)):
+                values[outputs[0]] = result
+            elif step.returns_dict:
+                values.update((name, result[name]) for name in outputs)
+            elif outputs:
+                values.update(zip(outputs, name_outputs(step.name, result, outputs), strict=True))
+    except Exception as error:
+        if step is not None and not isinstance(error, BrickError):
+            add_brick_note(error, step.name)
+        raise
+
+
+def add_brick_note(error: BaseException, brick: str) -> None:
+    """Adds "(raised in brick 'name')" to ``error`` once."""
+    add_note(error, f"(raised in brick {brick!r})")
+
+
+def check_inputs(plan: StagePlan, named_inputs: Mapping[str, Any]) -> None:
+    """Raises a :class:`BrickGraphError` naming each missing input and the bricks that need it."""
+    missing = [name for name in plan.required_inputs if name not in named_inputs]
+    if not missing:
+        return
+    produced = [v for step in plan.steps for v in step.outputs]
+    problems = []
+    for name in missing:
+        users = [step.name for step in plan.steps if name in step.input_values or name in step.binding.all_values]
+        problems.append(GraphProblem(
+            "missing_input", f"Input {name!r} needed by brick {', '.join(map(repr, users))} in stage "
+            f"{plan.stage.value} is missing from named_inputs (given: {sorted(named_inputs)})."
+            + closest_names(name, [*named_inputs, *produced]), users[0] if users else None, name, (plan.stage,)))
+    raise BrickGraphError(problems, hint=f"this stage needs the inputs {list(plan.required_inputs)}; "
+                                         "collection.plan(stage).required_inputs lists them.")
+
+
+def batch_size_of(named_inputs: Mapping[str, Any], input_names: Sequence[str] | None = None) -> int | None:
+    """Dimension 0 of the first input (in ``input_names`` order, default: ``named_inputs``'), the batch axis
+    that export, benchmarking and training assume; ``None`` when it is not a tensor with a dimension."""
+    order = [n for n in (input_names if input_names is not None else named_inputs) if n in named_inputs]
+    first = named_inputs[order[0]] if order else None
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,190 @@
+"""The bound stage: plan caches owned by the collection tree, one binding rule, metrics after the model."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from torchbricks_fx import (
+    BrickCollection,
+    BrickGraphError,
+    BrickMetricSingle,
+    BrickNotTrainable,
+    BrickTrainable,
+    Stage,
+    compile_stage,
+)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def chain() -> BrickCollection:
+    return BrickCollection({
+        "first": BrickNotTrainable(Scale(2.0), input_names=["x"], output_names=["y"]),
+        "group": {"second": BrickTrainable(Scale(3.0), input_names=["y"], output_names=["z"])},
+    })
+
+
+def run(collection: BrickCollection, stage: Stage = Stage.INFERENCE) -> dict[str, torch.Tensor]:
+    return collection({"x": torch.ones(2)}, stage)
+
+
+# ------------------------------------------------------------------------------------------- invalidation
+def test_calculate_gradients_flipped_after_a_train_call_blocks_gradients():
+    collection = chain()
+    x = torch.ones(2, requires_grad=True)
+    collection({"x": x}, Stage.TRAIN)["z"].sum().backward()
+    assert x.grad is not None
+    collection["first"].calculate_gradients = False
+    x.grad = None
+    out = collection({"x": x}, Stage.TRAIN)["z"]
+    assert not out.requires_grad  # the bound step now wraps the model in no_grad, as a new collection would
+    assert not BrickCollection(dict(collection.items()))({"x": x}, Stage.TRAIN)["z"].requires_grad
+
+
+@pytest.mark.parametrize("change", ["input_names", "output_names", "alive_stages", "model", "nested_add",
+                                    "nested_remove"])
+def test_every_plan_attribute_invalidates_the_collections_holding_the_brick(change):
+    collection = chain()
+    assert torch.equal(run(collection)["z"], torch.full((2,), 6.0))
+    revision = collection.revision
+    second = collection["group"]["second"]
+    if change == "input_names":
+        second.input_names = ["x"]
+        assert torch.equal(run(collection)["z"], torch.full((2,), 3.0))
+    elif change == "output_names":
+        second.output_names = ["w"]
+        assert "w" in run(collection) and "z" not in run(collection)
+    elif change == "alive_stages":
+        second.alive_stages = [Stage.TRAIN]
+        assert "z" not in run(collection)
+    elif change == "model":
+        second.model = Scale(5.0)
+        assert torch.equal(run(collection)["z"], torch.full((2,), 10.0))
+    elif change == "nested_add":
+        collection["group"]["third"] = BrickTrainable(Scale(7.0), input_names=["z"], output_names=["u"])
+        assert torch.equal(run(collection)["u"], torch.full((2,), 42.0))
+    else:
+        del collection["group"]["second"]
+        assert "z" not in run(collection)
+    assert collection.revision > revision
+
+
+def test_building_unrelated_bricks_invalidates_nothing():
+    collection = chain()
+    bound = collection.bound_stage(Stage.INFERENCE)
+    revision = collection.revision
+    other = chain()
+    other["group"]["second"].input_names = ["x"]
+    BrickTrainable(nn.Linear(2, 2), input_names=["a"], output_names=["b"])
+    assert collection.revision == revision
+    assert collection.bound_stage(Stage.INFERENCE) is bound
+
+
+def test_a_brick_in_two_collections_invalidates_both():
+    shared = BrickTrainable(Scale(2.0), input_names=["x"], output_names=["y"])
+    first, second = BrickCollection({"s": shared}), BrickCollection({"s": shared})
+    run(first), run(second)
+    shared.model = Scale(4.0)
+    assert torch.equal(run(first)["y"], torch.full((2,), 4.0))
+    assert torch.equal(run(second)["y"], torch.full((2,), 4.0))
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda c: pickle.loads(pickle.dumps(c))], ids=["deepcopy", "pickle"])
+def test_copies_invalidate_their_own_plans(clone):
+    collection = chain()
+    run(collection)
+    copied = clone(collection)
+    run(copied)
+    copied["group"]["second"].model = Scale(10.0)
+    assert torch.equal(run(copied)["z"], torch.full((2,), 20.0))
+    assert torch.equal(run(collection)["z"], torch.full((2,), 6.0))  # the original is untouched
+
+
+# ------------------------------------------------------------------------------------------- one runtime
+class Everything(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, ...]] = []
+
+    def forward(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.seen.append(tuple(values))
+        return sum(values.values())  # type: ignore[return-value]
+
+
+def test_all_bindings_receive_the_same_values_eagerly_and_compiled():
+    everything = Everything()
+    collection = BrickCollection({
+        "twice": BrickTrainable(Scale(2.0), input_names=["x"], output_names=["y"]),
+        "all": BrickTrainable(everything, input_names="all", output_names=["total"]),
+    })
+    inputs = {"x": torch.ones(2), "unused": torch.zeros(2)}
+    eager = collection(inputs, Stage.INFERENCE)["total"]
+    compiled = compile_stage(collection, Stage.INFERENCE)(inputs)["total"]
+    assert torch.equal(eager, compiled)
+    assert everything.seen[0] == everything.seen[-1] == ("x", "y")
+
+
+class Boom(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom in forward")
+
+
+def failing_with_metric_and_batchnorm() -> BrickCollection:
+    from torchmetrics.classification import MulticlassAccuracy
+
+    return BrickCollection({
+        "norm": BrickTrainable(nn.BatchNorm1d(3), input_names=["x"], output_names=["normed"]),
+        "accuracy": BrickMetricSingle(MulticlassAccuracy(num_classes=3), input_names=["labels", "labels"]),
+        "boom": BrickTrainable(Boom(), input_names=["normed"], output_names=["out"]),
+    })
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_failed_call_updates_no_metric_and_names_the_brick(compiled):
+    collection = failing_with_metric_and_batchnorm()
+    call = compile_stage(collection, Stage.TRAIN) if compiled else (lambda inputs: collection(inputs, Stage.TRAIN))
+    inputs = {"x": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 1])}
+    for _ in range(2):  # the second call of a compiled stage runs the graph's own code
+        with pytest.raises(RuntimeError, match="boom in forward") as info:
+            call(inputs)
+        assert "(raised in brick 'boom')" in getattr(info.value, "__notes__", [])
+    metric = collection["accuracy"].metrics["TRAIN"]
+    assert metric.MulticlassAccuracy._update_count == 0  # metrics run only after every model brick succeeded
+    assert int(collection["norm"].model.num_batches_tracked) == 2  # what did run may have moved its statistics
+
+
+def test_model_bricks_cannot_read_metric_outputs_in_any_runtime():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    collection = BrickCollection({
+        "acc": BrickMetricSingle(MulticlassAccuracy(num_classes=2), input_names=["p", "t"], metric_name="accuracy",
+                                 return_metrics=True),
+        "use": BrickTrainable(nn.Identity(), input_names=["accuracy"], output_names=["copy"]),
+    })
+    with pytest.raises(BrickGraphError, match=r"Brick 'use' reads 'accuracy', returned by metric brick 'acc'"):
+        collection({"p": torch.tensor([0]), "t": torch.tensor([0])}, Stage.TRAIN)
+
+
+def test_graph_problems_are_dataclasses_naming_kind_brick_name_and_stages():
+    collection = BrickCollection({"head": BrickTrainable(nn.Identity(), input_names=["features"],
+                                                         output_names=["logits"]),
+                                  "encoder": BrickTrainable(nn.Identity(), input_names=["x"], output_names=["features"],
+                                                            alive_stages=[Stage.TRAIN])})
+    with pytest.raises(BrickGraphError) as info:
+        collection.check()
+    (problem,) = info.value.problems
+    assert (problem.kind, problem.brick, problem.name) == ("dead_producer", "head", "features")
+    assert problem.stages == (Stage.VALIDATION, Stage.TEST, Stage.INFERENCE, Stage.EXPORT)
+    assert str(problem) == problem.message and "stages validation, test, inference and export" in problem.message
