@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BrickBackendError",
+    "BrickDeployError",
+    "BrickDeployInputError",
     "BrickError",
     "BrickExportError",
     "BrickGraphError",
@@ -102,6 +104,21 @@ class BrickExportError(BrickError):
 
 class BrickBackendError(BrickError, ValueError):
     """An unknown or unavailable backend or device was requested."""
+
+
+class BrickDeployError(BrickError):
+    """A deployment failed: no candidate was accepted (``report`` then holds every candidate's result), the
+    bundle folder exists, or a bundle is damaged (a file whose sha256 differs from its manifest's)."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class BrickDeployInputError(BrickDeployError, ValueError):
+    """What a deployment was given cannot be used: validation batches without the targets a metric brick
+    reads, a stage without metric bricks, an unknown candidate or metric, a bad budget, bundle inputs of
+    the wrong name, dtype or shape."""
 
 
 def add_note(error: BaseException, note: str) -> None:
