@@ -22,9 +22,13 @@ if TYPE_CHECKING:
         BrickNotTrainable,
         BrickTrainable,
     )
+    from torchbricks_fx.bundle import Bundle, load_bundle
     from torchbricks_fx.collection import BrickCollection
+    from torchbricks_fx.deployment import CandidateResult, DeployReport, deploy
     from torchbricks_fx.errors import (
         BrickBackendError,
+        BrickDeployError,
+        BrickDeployInputError,
         BrickError,
         BrickExportError,
         BrickGraphError,
@@ -40,8 +44,8 @@ __version__ = "0.2.0"
 
 _PUBLIC = {
     "torchbricks_fx.stage": ("Stage",),
-    "torchbricks_fx.errors": ("BrickBackendError", "BrickError", "BrickExportError", "BrickGraphError",
-                              "BrickOutputError", "GraphProblem"),
+    "torchbricks_fx.errors": ("BrickBackendError", "BrickDeployError", "BrickDeployInputError", "BrickError",
+                              "BrickExportError", "BrickGraphError", "BrickOutputError", "GraphProblem"),
     "torchbricks_fx.brick": ("Brick", "BrickInterface", "BrickLoss", "BrickMetricSingle", "BrickMetrics",
                              "BrickModule", "BrickNotTrainable", "BrickTrainable"),
     "torchbricks_fx.collection": ("BrickCollection",),
@@ -49,6 +53,8 @@ _PUBLIC = {
     "torchbricks_fx.fx": ("StageModule", "compile_stage"),
     "torchbricks_fx.export": ("ExportReport", "OutputError", "export_onnx", "export_program"),
     "torchbricks_fx.benchmarking": ("BenchmarkResult", "BrickProfile", "benchmark", "profile_bricks"),
+    "torchbricks_fx.deployment": ("CandidateResult", "DeployReport", "deploy"),
+    "torchbricks_fx.bundle": ("Bundle", "load_bundle"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 
@@ -57,6 +63,8 @@ __all__ = [
     "Brick",
     "BrickBackendError",
     "BrickCollection",
+    "BrickDeployError",
+    "BrickDeployInputError",
     "BrickError",
     "BrickExportError",
     "BrickGraphError",
@@ -69,6 +77,9 @@ __all__ = [
     "BrickOutputError",
     "BrickProfile",
     "BrickTrainable",
+    "Bundle",
+    "CandidateResult",
+    "DeployReport",
     "ExportReport",
     "GraphProblem",
     "OutputError",
@@ -77,8 +88,10 @@ __all__ = [
     "StagePlan",
     "benchmark",
     "compile_stage",
+    "deploy",
     "export_onnx",
     "export_program",
+    "load_bundle",
     "profile_bricks",
 ]
 

@@ -18,11 +18,12 @@ from torchbricks_fx.files import staged_file
 
 if TYPE_CHECKING:
     from torchbricks_fx.benchmarking import BenchmarkResult, BrickProfile
+    from torchbricks_fx.deployment.report import CandidateResult, DeployReport
     from torchbricks_fx.export.report import ExportReport
     from torchbricks_fx.plan import StagePlan
 
-__all__ = ["JSON_SCHEMA", "environment", "plot", "profile_to_markdown", "render_export_report", "render_plan",
-           "results_from_json", "to_json", "to_markdown"]
+__all__ = ["JSON_SCHEMA", "environment", "plot", "profile_to_markdown", "render_deploy_report", "render_export_report",
+           "render_plan", "results_from_json", "to_json", "to_markdown"]
 
 JSON_SCHEMA = "torchbricks_fx.benchmark/1"
 
@@ -234,3 +235,73 @@ def plot(results: Sequence[BenchmarkResult], path: str | os.PathLike[str]) -> st
     finally:
         plt.close(figure)
     return os.fspath(path)
+
+
+# --------------------------------------------------------------------------------------------- deployments
+def _speedup(candidate: CandidateResult, eager: CandidateResult) -> float | None:
+    """Geometric mean over the batch sizes of eager's median over the candidate's."""
+    ratios = [base.median_s / mine.median_s for base in eager.latencies
+              if (mine := candidate.latency(base.batch_size)) is not None and mine.median_s > 0]
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+
+
+def _metric_cell(candidate: CandidateResult, name: str) -> str:
+    value = candidate.metrics.get(name)
+    if value is None:
+        return "-"
+    drop = candidate.metric_drops.get(name)
+    return f"{value:.4g}" if drop is None else f"{value:.4g} (drop {drop:.2g})"
+
+
+def _deploy_row(candidate: CandidateResult, report: DeployReport, metrics: Sequence[str]) -> str:
+    chosen = candidate.name == report.chosen
+    name = f"**{candidate.name}**" if chosen else candidate.name
+    status = "**chosen**" if chosen else candidate.status
+    error = candidate.max_abs_error
+    cells = [name, candidate.precision, candidate.format, status, *(_metric_cell(candidate, m) for m in metrics),
+             "-" if error is None else f"{error:.2g}",
+             *(ms(lat.median_s) if (lat := candidate.latency(bs)) else "-" for bs in report.batch_sizes),
+             number(_speedup(candidate, report.eager), ".2f") + ("x" if candidate.latencies else ""),
+             cell(candidate.reason)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _deploy_summary(report: DeployReport) -> list[str]:
+    chosen = report.chosen_result
+    lines = []
+    if chosen is not None:
+        speedups = ", ".join(f"{x:.2f}x at batch {bs}" for bs, x in report.speedups.items())
+        lines.append(f"**Chosen: {chosen.name}** ({chosen.precision}, {chosen.format}): {speedups} against eager.")
+    else:
+        lines.append("**No candidate was accepted.**")
+    if report.metric_budgets is None:
+        judged = "tolerance alone (max_metric_drop=None): only float32 candidates can pass"
+    else:
+        budgets = sorted(set(report.metric_budgets.values()))
+        budget = f"{budgets[0]:g} per metric" if len(budgets) == 1 else \
+            ", ".join(f"{name} {value:g}" for name, value in report.metric_budgets.items())
+        stage = report.metric_stage.value if report.metric_stage else "?"
+        judged = (f"the metric bricks of stage {stage} on {report.validation_samples} validation samples in "
+                  f"{report.validation_batches} batch(es), largest accepted drop: {budget}; float32 candidates also "
+                  f"by export's tolerance")
+    lines.append(f"Stage `{report.stage.value}` ({', '.join(report.input_names)} -> {', '.join(report.output_names)}),"
+                 f" judged by {judged}. Latency: median ms per call (torch.utils.benchmark blocked_autorange), "
+                 f"{report.threads} thread(s) for torch and onnxruntime, device {report.device}; *vs eager* is the "
+                 f"geometric mean of the speed-ups over the batch sizes.")
+    return lines
+
+
+def render_deploy_report(report: DeployReport, plot: str | None = None) -> str:
+    """A deployment as Markdown: the chosen candidate, how candidates were judged, one row per candidate
+    (metrics with their drop, largest output error against eager, latency per batch size, speed-up, why
+    rejected) and notes; ``plot`` names the latency image to embed."""
+    metrics = list(report.eager.metrics)
+    header = ["candidate", "precision", "format", "status", *metrics, "max abs error",
+              *(f"batch {bs} ms" for bs in report.batch_sizes), "vs eager", "why"]
+    lines = [*_deploy_summary(report), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [_deploy_row(c, report, metrics) for c in (report.eager, *report.candidates)]
+    if report.notes:
+        lines += ["", *(f"- {note}" for note in report.notes)]
+    if plot is not None:
+        lines += ["", f"![median latency per candidate]({plot})"]
+    return "\n".join(lines) + "\n"

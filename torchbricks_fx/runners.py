@@ -37,7 +37,7 @@ from torchbricks_fx.stage import Stage
 if TYPE_CHECKING:
     from torchbricks_fx.collection import BrickCollection
 
-__all__ = ["BoundCall", "Runner", "make_runner"]
+__all__ = ["BoundCall", "Runner", "bind_session", "make_runner"]
 
 
 @dataclass(frozen=True)
@@ -146,11 +146,18 @@ def _onnxruntime_runner(collection: BrickCollection, stage: Stage, outputs: Sequ
         raise
 
     def bind(inputs: Mapping[str, Any]) -> BoundCall:
-        if device.type == "cuda":
-            return _bind_cuda(session, device, inputs, outputs)
-        return _bind_cpu(session, inputs, outputs)
+        return bind_session(session, device, inputs, outputs)
 
     return Runner("onnxruntime", seconds, bind, cleanup=[lambda: shutil.rmtree(folder, ignore_errors=True)])
+
+
+def bind_session(session: Any, device: torch.device, inputs: Mapping[str, Any], outputs: Sequence[str]) -> BoundCall:
+    """An onnxruntime session bound to ``inputs`` as the call a user would make: ``session.run`` on numpy
+    feeds prepared beforehand (CPU) or ``run_with_iobinding`` on the CUDA tensors (CUDA); used by the
+    ``onnxruntime`` backend and by deployment's ONNX candidates."""
+    if device.type == "cuda":
+        return _bind_cuda(session, device, inputs, outputs)
+    return _bind_cpu(session, inputs, outputs)
 
 
 def _bind_cpu(session: Any, inputs: Mapping[str, Any], outputs: Sequence[str]) -> BoundCall:
