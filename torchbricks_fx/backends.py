@@ -14,12 +14,17 @@ from torchbricks_fx.errors import BrickBackendError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKENDS", "CUDA_ONLY_BACKENDS", "DEFAULT_BACKENDS", "parse_backends", "parse_device"]
+__all__ = ["BACKENDS", "CUDA_ONLY_BACKENDS", "DEFAULT_BACKENDS", "DEPLOY_CANDIDATES", "parse_backends", "parse_device"]
 
 BACKENDS: tuple[str, ...] = ("eager", "fx", "compile", "onnxruntime", "cudagraphs")
 DEFAULT_BACKENDS: tuple[str, ...] = ("eager", "fx", "compile", "onnxruntime")
 CUDA_ONLY_BACKENDS: tuple[str, ...] = ("cudagraphs",)
 COMPILED_BACKENDS: tuple[str, ...] = ("compile", "cudagraphs")
+
+DEPLOY_CANDIDATES: tuple[str, ...] = ("onnxruntime", "onnxruntime-int8-dynamic", "onnxruntime-int8-static",
+                                      "onnxruntime-fp16", "pt2")
+"""Deployment candidates in the order they are tried (``deployment/candidates.py`` builds them); here, torch-free,
+for the command line's help."""
 
 
 def parse_device(device: str | torch.device) -> torch.device:

@@ -1,4 +1,4 @@
-"""``torchbricks-fx`` (also ``python -m torchbricks_fx``): inspect, export and benchmark a collection.
+"""``torchbricks-fx`` (also ``python -m torchbricks_fx``): inspect, export, benchmark and deploy a collection.
 
 Every command works on a Python file that defines a function (``build`` by default) returning
 ``(collection, example_named_inputs)``: ``torchbricks-fx inspect model.py`` or ``model.py:make_model``.
@@ -7,8 +7,9 @@ the command line and turns errors into exit codes without importing torch, so ``
 errors answer at once.
 
 Exit codes: 0 success; 1 the work failed or found problems (``inspect`` reporting validation problems, any
-``BrickExportError``: a failed export, or an existing output file without ``--overwrite``); 2 unusable
-input (missing file, no build function, invalid collection, unknown stage/backend/device).  Errors are one
+``BrickExportError``: a failed export, or an existing output file without ``--overwrite``; ``deploy``
+accepting no candidate, or an existing bundle folder); 2 unusable input (missing file, no build function,
+invalid collection, unknown stage/backend/device/candidate, validation batches without the targets).  Errors are one
 paragraph on stderr, without a traceback unless ``--traceback`` is given.
 """
 
@@ -18,25 +19,26 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from torchbricks_fx.cli import cmd_bench, cmd_export, cmd_inspect
+from torchbricks_fx.cli import cmd_bench, cmd_deploy, cmd_export, cmd_inspect
 from torchbricks_fx.cli.common import PROG, CliError, load_build, paragraph
-from torchbricks_fx.errors import BrickError, BrickExportError
+from torchbricks_fx.errors import BrickDeployError, BrickDeployInputError, BrickError, BrickExportError
 
 __all__ = ["CliError", "load_build", "main"]
 
-COMMANDS = (cmd_inspect, cmd_export, cmd_bench)
+COMMANDS = (cmd_inspect, cmd_export, cmd_bench, cmd_deploy)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Inspect, export and benchmark a torchbricks_fx collection defined in a Python file "
-                               "whose build() returns (collection, example_named_inputs).",
+        prog=PROG, description="Inspect, export, benchmark and deploy a torchbricks_fx collection defined in a Python "
+                               "file whose build() returns (collection, example_named_inputs).",
         epilog="examples:\n"
                "  torchbricks-fx inspect model.py --mermaid\n"
                "  torchbricks-fx export model.py --stage export -o model.onnx\n"
                "  torchbricks-fx bench model.py --backends eager,fx,compile,onnxruntime --batch-sizes 1,8,32\n"
-               "exit codes: 0 ok; 1 the work failed (export: also an existing -o file without --overwrite) or "
-               "inspect found problems; 2 unusable input",
+               "  torchbricks-fx deploy model.py --validation data.py:validation --max-metric-drop 0.01 -o bundle\n"
+               "exit codes: 0 ok; 1 the work failed (export, deploy: also an existing -o without --overwrite; "
+               "deploy: no candidate accepted) or inspect found problems; 2 unusable input",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
@@ -50,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 def _exit_code(error: BrickError) -> int:
     if isinstance(error, CliError):
         return error.code
-    return 1 if isinstance(error, BrickExportError) else 2
+    if isinstance(error, BrickDeployInputError):
+        return 2
+    return 1 if isinstance(error, (BrickExportError, BrickDeployError)) else 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from torchbricks_fx.errors import BrickError, add_note
 from torchbricks_fx.stage import Stage
@@ -33,13 +33,30 @@ class CliError(BrickError):
         self.code = code
 
 
-def progress_printer(tag: str) -> Callable[[str], None]:
-    """Prints progress lines ``[tag] ...`` on stderr (stdout holds the command's result)."""
+def progress_printer(tag: str, stream: TextIO | None = None) -> Callable[[str], None]:
+    """Prints progress lines ``[tag] ...`` on ``stream`` (default: stderr; stdout holds the command's result)."""
 
     def progress(line: str) -> None:
-        print(f"[{tag}] {line}", file=sys.stderr, flush=True)
+        print(f"[{tag}] {line}", file=stream or sys.stderr, flush=True)
 
     return progress
+
+
+@contextlib.contextmanager
+def terminal_stderr() -> Iterator[TextIO]:
+    """stderr as it is now, still reaching the terminal inside :func:`output_to_log` (which sends file
+    descriptor 2 to the log): a duplicate of the descriptor when ``sys.stderr`` has one."""
+    try:
+        descriptor = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a stream without a descriptor (tests)
+        yield sys.stderr
+        return
+    sys.stderr.flush()
+    stream = os.fdopen(os.dup(descriptor), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8")
+    try:
+        yield stream
+    finally:
+        stream.close()
 
 
 # --------------------------------------------------------------------------------------------- loading

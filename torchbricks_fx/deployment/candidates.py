@@ -245,7 +245,7 @@ class CandidateKind:
     build: Callable[[BuildContext], Built] = field(repr=False)
 
 
-CANDIDATES: dict[str, CandidateKind] = {kind.name: kind for kind in (
+_KINDS = (
     CandidateKind("onnxruntime", "float32", "onnx", "export_onnx, ONNX Runtime with every graph optimization",
                   _onnxruntime),
     CandidateKind("onnxruntime-int8-dynamic", "int8", "onnx", "onnxruntime quantize_dynamic (int8 weights, "
@@ -255,8 +255,10 @@ CANDIDATES: dict[str, CandidateKind] = {kind.name: kind for kind in (
     CandidateKind("onnxruntime-fp16", "float16", "onnx", "onnxruntime float16 conversion (float32 inputs and "
                   "outputs), CUDA only", _float16),
     CandidateKind("pt2", "float32", "pt2", "export_program, torch.export.load(...).module()", _program),
-)}
-"""Every candidate by name, in the order they are tried (a test may register more)."""
+)
+CANDIDATES: dict[str, CandidateKind] = {kind.name: kind for kind in _KINDS}
+"""Every candidate by name, in the order they are tried (``backends.DEPLOY_CANDIDATES``; a test may register
+more)."""
 
 
 def parse_candidates(candidates: Sequence[str] | str | None) -> tuple[str, ...]:
