@@ -182,7 +182,7 @@ def main() -> None:
     report = deploy(collection, folder, {"raw": splits()["validation"].images[:2]}, outputs=OUTPUTS,
                     validation=validation(), max_metric_drop=args.max_metric_drop,
                     batch_sizes=[int(size) for size in args.batch_sizes.split(",")], min_run_time=args.min_run_time,
-                    overwrite=True, progress=print)
+                    overwrite=True, progress=lambda line: print(f"[deploy] {line}"))
     print(report.to_markdown())
 
     bundle = load_bundle(folder)  # onnxruntime and numpy only for ONNX bundles

@@ -394,3 +394,18 @@ def test_cli_deploy(capsys, monkeypatch, model_file, tmp_path):
     assert main(["deploy", str(model_file), "--max-metric-drop", "accuracy", "-o", str(tmp_path / "x")]) == 2
     assert main(["deploy", str(model_file), "--max-metric-drop", "none", "--candidates", "onnxruntime",
                  "--batch-sizes", "1", "--min-run-time", "0.01", "-o", str(tmp_path / "tolerance")]) == 0
+
+
+# ------------------------------------------------------------------------------------------- the example script
+def test_digits_example_trains_and_deploys_on_real_data(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("lightning")
+    out = tmp_path / "bundle"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}  # this checkout's package
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "digits.py"), "--out", str(out), "--batch-sizes",
+                           "1", "--min-run-time", "0.05"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split("'test/accuracy': ")[1].split(",")[0]) >= 0.95
+    assert "| candidate | precision | format | status | accuracy | cross_entropy |" in done.stdout
+    assert (out / MANIFEST_NAME).is_file() and "): test accuracy 0.9" in done.stdout
