@@ -113,8 +113,8 @@ def resize_batch(named_inputs: Mapping[str, Any], batch_size: int,
     resized: dict[str, Any] = {}
     for name, value in named_inputs.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == current:
-            index = torch.arange(batch_size, device=value.device) % current
             try:
+                index = torch.arange(batch_size, device=value.device) % current
                 resized[name] = value.index_select(0, index)
             except (RuntimeError, MemoryError) as error:  # out of memory: say which batch size did it
                 size = value[:1].element_size() * value[:1].numel() * batch_size

@@ -22,6 +22,8 @@ InputNames = list[str] | tuple[str, ...] | dict[str, str] | Literal["all"]
 
 T = TypeVar("T")
 
+_NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: callers only unpack it
+
 _INPUT_FORMS = 'input_names must be a list of names, a dict {argument: value name} or "all"'
 
 
@@ -39,7 +41,9 @@ class Binding:
     def arguments(self, values: Mapping[str, T]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The positional and keyword arguments read from ``values`` (tensors, or ``torch.fx`` nodes)."""
         if self.takes_all:
-            return ({name: values[name] for name in self.all_values},), {}
+            return ({name: values[name] for name in self.all_values},), _NO_KWARGS
+        if not self.kwargs:  # the common case, on every call of every brick: no dict built
+            return tuple([values[name] for name in self.args]), _NO_KWARGS
         return tuple(values[name] for name in self.args), {argument: values[name] for argument, name in self.kwargs}
 
     @property

@@ -68,11 +68,15 @@ class StageModes:
     def __enter__(self) -> None:
         self._flipped = enter_modes(self._modules, self._training)
         self._previous_grad = torch.is_grad_enabled()
-        torch.set_grad_enabled(self._grad)
+        _set_grad_enabled(self._grad)
 
     def __exit__(self, *exc_info: object) -> None:
-        torch.set_grad_enabled(self._previous_grad)
+        _set_grad_enabled(self._previous_grad)
         exit_modes(self._flipped, self._training)
+
+
+# What torch.set_grad_enabled calls, without building its context-manager object on every call.
+_set_grad_enabled = torch._C._set_grad_enabled
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,7 +170,7 @@ def run_steps(steps: Sequence[BoundStep], values: dict[str, Any]) -> None:
     try:
         for step in steps:
             args, kwargs = step.binding.arguments(values)
-            result = step.fn(*args, **kwargs)
+            result = step.fn(*args, **kwargs) if kwargs else step.fn(*args)
             outputs = step.outputs
             if len(outputs) == 1 and not isinstance(result, (tuple, dict)):
                 values[outputs[0]] = result

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchbricks_fx.errors import BrickError, add_note
+from torchbricks_fx.errors import BrickError, add_note, error_summary
 from torchbricks_fx.files import recover_folder, staged_folder
 
 if TYPE_CHECKING:
@@ -93,8 +93,9 @@ def _read(path: Path, brick: str) -> Mapping[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, empty or foreign files fail in pickle, zip or torch
+        reason = error_summary(error, 160, first_line=True)
         raise BrickError(f"Cannot read the weights of brick {brick!r} from {str(path)!r}: the file is damaged or "
-                         f"not a torch weights file ({type(error).__name__}: {error}); nothing was loaded.") from error
+                         f"not a torch weights file ({reason}); nothing was loaded.") from error
     if not isinstance(state, Mapping):
         raise BrickError(f"{str(path)!r} holds a {type(state).__name__}, not the state dict of brick {brick!r}; "
                          f"nothing was loaded.")

@@ -40,14 +40,17 @@ def _check_destinations(args: argparse.Namespace) -> None:
     from torchbricks_fx.files import check_destination
     from torchbricks_fx.reporting import check_plot_path
 
+    destinations = [Path(p) for p in (args.json, args.plot) if p]
+    existing = [str(p) for p in destinations if p.is_file()]
+    if existing and not args.overwrite:  # as export: an existing output file is exit code 1
+        raise CliError(f"{', '.join(existing)} already exists; pass --overwrite to replace it.", code=1)
     try:
-        if args.json:
-            check_destination(Path(args.json), args.overwrite)
         if args.plot:
             check_plot_path(args.plot)
-            check_destination(Path(args.plot), args.overwrite)
+        for path in destinations:
+            check_destination(path, overwrite=True)
     except BrickError as error:
-        raise CliError(f"{error} (--overwrite replaces --json/--plot files)", code=1) from None
+        raise CliError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:
