@@ -284,10 +284,15 @@ def _deploy_summary(report: DeployReport) -> list[str]:
         judged = (f"the metric bricks of stage {stage} on {report.validation_samples} validation samples in "
                   f"{report.validation_batches} batch(es), largest accepted drop: {budget}; float32 candidates also "
                   f"by export's tolerance")
+    load = ""
+    if report.load_average is not None:
+        cores = os.cpu_count() or 1
+        load = f", load {report.load_average:.1f} on {cores} cores" + \
+            (" (LOAD ABOVE THE CORES: timings unreliable)" if report.load_average > cores else "")
     lines.append(f"Stage `{report.stage.value}` ({', '.join(report.input_names)} -> {', '.join(report.output_names)}),"
                  f" judged by {judged}. Latency: median ms per call (torch.utils.benchmark blocked_autorange), "
-                 f"{report.threads} thread(s) for torch and onnxruntime, device {report.device}; *vs eager* is the "
-                 f"geometric mean of the speed-ups over the batch sizes.")
+                 f"{report.threads} thread(s) for torch and onnxruntime, device {report.device}{load}; *vs eager* is "
+                 f"the geometric mean of the speed-ups over the batch sizes.")
     return lines
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchbricks_fx.backends import check_batch_size, parse_device
+from torchbricks_fx.benchmarking import machine_load
 from torchbricks_fx.deployment.acceptance import MetricGate, metric_stage_of, resolve_budgets
 from torchbricks_fx.deployment.candidates import CANDIDATES, BuildContext, parse_candidates
 from torchbricks_fx.deployment.report import CandidateResult, DeployReport, Latency
@@ -150,13 +151,15 @@ def _run(collection: BrickCollection, target: Any, folder: Path, named_inputs: M
     budgets = resolve_budgets(max_metric_drop, list(eager.metrics)) if max_metric_drop is not None else None
     results = [deployment.judge(CANDIDATES[name], budgets) for name in names]
     timing_inputs = batch_inputs(inputs, sizes, target.input_names, device)
+    load = machine_load(progress, warn=True)  # timings on a busy machine say little: the report says so
     eager, results = deployment.time_all(eager, results, timing_inputs, threads, min_run_time)
     chosen = deployment.choose(results)
     report = DeployReport(folder=folder, stage=target.plan.stage, metric_stage=gate.stage if gate else None,
                           input_names=target.input_names, output_names=target.output_names, chosen=chosen,
                           eager=eager, candidates=tuple(results), metric_budgets=budgets, batch_sizes=tuple(sizes),
                           threads=threads, device=str(device), validation_batches=len(batches),
-                          validation_samples=_samples(batches, target.input_names), notes=tuple(deployment.notes))
+                          validation_samples=_samples(batches, target.input_names), notes=tuple(deployment.notes),
+                          load_average=load)
     if chosen is None:
         raise BrickDeployError("No candidate was accepted, so nothing was written:\n" + report.to_markdown(), report)
     kind, built = deployment.artifact(chosen)

@@ -107,6 +107,7 @@ class DeployReport:
     validation_batches: int
     validation_samples: int
     notes: tuple[str, ...] = ()
+    load_average: float | None = None  # the machine's 1-minute load when timing started
 
     def candidate(self, name: str) -> CandidateResult:
         found = next((c for c in (self.eager, *self.candidates) if c.name == name), None)

@@ -107,7 +107,7 @@ def manifest(report: DeployReport, kind: CandidateKind, artifact_files: Sequence
                        "tolerance": "float32 candidates: export_onnx's verification tolerance on the example batch "
                                     "and a random batch of another size"},
         "timing": {"device": report.device, "threads": report.threads, "batch_sizes": list(report.batch_sizes),
-                   "method": "torch.utils.benchmark blocked_autorange, median"},
+                   "method": "torch.utils.benchmark blocked_autorange, median", "load_average": report.load_average},
         "eager": _candidate_json(report.eager, report.eager),
         "candidates": [_candidate_json(c, report.eager) for c in report.candidates],
         "notes": list(report.notes),
