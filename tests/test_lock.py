@@ -29,8 +29,8 @@ from torchbricks_fx import (
     write_lock,
 )
 from torchbricks_fx.cli import main
-from torchbricks_fx.lockfile import SCHEMA
 from torchbricks_fx.lockfile_diff import render_lock_diff
+from torchbricks_fx.lockfile_format import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cli_model.py"

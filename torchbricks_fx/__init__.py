@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     )
     from torchbricks_fx.export import ExportReport, OutputError, export_onnx, export_program
     from torchbricks_fx.fx import StageModule, compile_stage
-    from torchbricks_fx.lockfile import Lock, lock, read_lock, write_lock
+    from torchbricks_fx.lockfile import lock
     from torchbricks_fx.lockfile_diff import LockChange, diff_locks
+    from torchbricks_fx.lockfile_format import Lock, read_lock, write_lock
     from torchbricks_fx.plan import StagePlan
     from torchbricks_fx.stage import Stage
 
@@ -52,7 +53,8 @@ _PUBLIC = {
     "torchbricks_fx.fx": ("StageModule", "compile_stage"),
     "torchbricks_fx.export": ("ExportReport", "OutputError", "export_onnx", "export_program"),
     "torchbricks_fx.benchmarking": ("BenchmarkResult", "BrickProfile", "benchmark", "profile_bricks"),
-    "torchbricks_fx.lockfile": ("Lock", "lock", "read_lock", "write_lock"),
+    "torchbricks_fx.lockfile": ("lock",),
+    "torchbricks_fx.lockfile_format": ("Lock", "read_lock", "write_lock"),
     "torchbricks_fx.lockfile_diff": ("LockChange", "diff_locks"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}

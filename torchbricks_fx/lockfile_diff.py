@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torchbricks_fx.lockfile import BrickLock, Lock, OnnxLock, StageLock, TensorLock, ValueLock
+from torchbricks_fx.lockfile_format import BrickLock, Lock, OnnxLock, StageLock, TensorLock, ValueLock, show_shape
 from torchbricks_fx.stage import Stage
 
 __all__ = ["LockChange", "diff_locks", "render_lock_diff"]
@@ -275,16 +275,12 @@ def _what_changed(was: TensorLock | ValueLock | str, now: TensorLock | ValueLock
         return f"{_describe(was)} -> {_describe(now)}"
     parts = []
     if was.shape != now.shape:
-        parts.append(f"shape {_show_shape(was.shape)} -> {_show_shape(now.shape)}")
+        parts.append(f"shape {show_shape(was.shape)} -> {show_shape(now.shape)}")
     if was.dtype != now.dtype:
         parts.append(f"dtype {was.dtype} -> {now.dtype}")
     if isinstance(was, TensorLock) and isinstance(now, TensorLock) and was.requires_grad != now.requires_grad:
         parts.append("now frozen (requires_grad=False)" if now.requires_grad is False else "now trained")
     return "; ".join(parts)
-
-
-def _show_shape(shape: Sequence[int | str]) -> str:
-    return "[" + ", ".join(map(str, shape)) + "]"
 
 
 # --------------------------------------------------------------------------------------------- values

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from torchbricks_fx.cli.common import PROG, TARGET_HELP, CliError, load_build, output_to_log, progress_printer
 
 if TYPE_CHECKING:
-    from torchbricks_fx.lockfile import Lock
+    from torchbricks_fx.lockfile_format import Lock
 
 NAMES = ("lock", "check")  # the subcommands this module registers
 
@@ -51,7 +51,7 @@ def _previous_lock(path: Path, overwrite: bool) -> Lock | None:
     """The lock file being replaced (to print what changed); refuses, before any work, to replace a file
     that is not a lock file (a mistyped ``-o model.py``) unless ``--overwrite``."""
     from torchbricks_fx.errors import BrickLockError
-    from torchbricks_fx.lockfile import SCHEMA_PREFIX, read_lock
+    from torchbricks_fx.lockfile_format import SCHEMA_PREFIX, read_lock
 
     if path.is_dir():
         raise CliError(f"Cannot write {path}: it is a folder; give a file path, e.g. {path / 'bricks.lock.json'}.")
@@ -68,8 +68,8 @@ def _previous_lock(path: Path, overwrite: bool) -> Lock | None:
 
 
 def run_lock(args: argparse.Namespace) -> int:
-    from torchbricks_fx.lockfile import write_lock
     from torchbricks_fx.lockfile_diff import diff_locks, render_lock_diff
+    from torchbricks_fx.lockfile_format import write_lock
 
     progress = progress_printer("lock")
     output = Path(args.output)
@@ -90,8 +90,8 @@ def run_lock(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from torchbricks_fx.lockfile import read_lock
     from torchbricks_fx.lockfile_diff import diff_locks, render_lock_diff
+    from torchbricks_fx.lockfile_format import read_lock
 
     expected = read_lock(args.lock)  # a missing or bad lock file is reported before the (slower) build
     actual = _build_lock(args.file, onnx_ops=expected.onnx is not None)
