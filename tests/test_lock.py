@@ -410,3 +410,19 @@ def test_onnx_operator_histogram_of_the_export_stage(capsys, tmp_path):
     write_lock(recorded, path)
     code, out, _ = run_cli(capsys, "check", str(EXAMPLE), "--lock", str(path))  # exports again: the lock has ops
     assert code == 0, out
+
+
+def test_a_changed_execution_order_is_reported():
+    def pair(first: str, second: str) -> BrickCollection:
+        bricks = {"linear": BrickTrainable(nn.Linear(2, 2), input_names=["x"], output_names=["y"]),
+                  "everything": BrickTrainable(lambda values: len(values), input_names="all", output_names=["n"])}
+        return BrickCollection({first: bricks[first], second: bricks[second]})
+
+    inputs = {"x": torch.randn(3, 2)}
+    before, after = lock(pair("linear", "everything"), inputs), lock(pair("everything", "linear"), inputs)
+    assert before.bricks["everything"].inputs == "all" and before.stages["train"].values["n"].type == "int"
+    assert read_lock_roundtrip(before) == before
+    changes = diff_locks(before, after)
+    messages = [c.message for c in changes if c.stage == "inference"]
+    assert messages == ["execution order changed: linear -> everything => everything -> linear",
+                        "output order changed: y -> n => n -> y"]

@@ -18,6 +18,7 @@ would shadow the public function ``torchbricks_fx.lock``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import tempfile
 from collections import Counter
 from collections.abc import Mapping
@@ -170,8 +171,6 @@ def _graph_sha256(plan: StagePlan, bricks: Mapping[str, BrickLock]) -> str:
 def _onnx_lock(collection: BrickCollection, named_inputs: Mapping[str, Any]) -> OnnxLock:
     """Exports the EXPORT stage into a temporary folder and counts its operators (subgraphs and local
     functions included).  Raises ``BrickExportError`` when the stage cannot be exported."""
-    import importlib.metadata
-
     import onnx
 
     from torchbricks_fx.export import export_onnx
@@ -186,9 +185,15 @@ def _onnx_lock(collection: BrickCollection, named_inputs: Mapping[str, Any]) -> 
         for node in function.node:
             _count_node(node, counts)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    versions = {"torch": torch.__version__, "onnx": onnx.__version__,
-                "onnxscript": importlib.metadata.version("onnxscript")}
-    return OnnxLock(opset, FrozenMap(dict(sorted(counts.items()))), FrozenMap(versions))
+    return OnnxLock(opset, FrozenMap(dict(sorted(counts.items()))),
+                    FrozenMap({package: _version(package) for package in ("torch", "onnx", "onnxscript")}))
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _count_operators(graph: Any, counts: Counter[str]) -> None:
