@@ -28,11 +28,15 @@ if TYPE_CHECKING:
         BrickError,
         BrickExportError,
         BrickGraphError,
+        BrickLockError,
         BrickOutputError,
         GraphProblem,
     )
     from torchbricks_fx.export import ExportReport, OutputError, export_onnx, export_program
     from torchbricks_fx.fx import StageModule, compile_stage
+    from torchbricks_fx.lockfile import lock
+    from torchbricks_fx.lockfile_diff import LockChange, diff_locks
+    from torchbricks_fx.lockfile_format import Lock, read_lock, write_lock
     from torchbricks_fx.plan import StagePlan
     from torchbricks_fx.stage import Stage
 
@@ -41,7 +45,7 @@ __version__ = "0.2.0"
 _PUBLIC = {
     "torchbricks_fx.stage": ("Stage",),
     "torchbricks_fx.errors": ("BrickBackendError", "BrickError", "BrickExportError", "BrickGraphError",
-                              "BrickOutputError", "GraphProblem"),
+                              "BrickLockError", "BrickOutputError", "GraphProblem"),
     "torchbricks_fx.brick": ("Brick", "BrickInterface", "BrickLoss", "BrickMetricSingle", "BrickMetrics",
                              "BrickModule", "BrickNotTrainable", "BrickTrainable"),
     "torchbricks_fx.collection": ("BrickCollection",),
@@ -49,6 +53,9 @@ _PUBLIC = {
     "torchbricks_fx.fx": ("StageModule", "compile_stage"),
     "torchbricks_fx.export": ("ExportReport", "OutputError", "export_onnx", "export_program"),
     "torchbricks_fx.benchmarking": ("BenchmarkResult", "BrickProfile", "benchmark", "profile_bricks"),
+    "torchbricks_fx.lockfile": ("lock",),
+    "torchbricks_fx.lockfile_format": ("Lock", "read_lock", "write_lock"),
+    "torchbricks_fx.lockfile_diff": ("LockChange", "diff_locks"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 
@@ -61,6 +68,7 @@ __all__ = [
     "BrickExportError",
     "BrickGraphError",
     "BrickInterface",
+    "BrickLockError",
     "BrickLoss",
     "BrickMetricSingle",
     "BrickMetrics",
@@ -71,15 +79,21 @@ __all__ = [
     "BrickTrainable",
     "ExportReport",
     "GraphProblem",
+    "Lock",
+    "LockChange",
     "OutputError",
     "Stage",
     "StageModule",
     "StagePlan",
     "benchmark",
     "compile_stage",
+    "diff_locks",
     "export_onnx",
     "export_program",
+    "lock",
     "profile_bricks",
+    "read_lock",
+    "write_lock",
 ]
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "BrickError",
     "BrickExportError",
     "BrickGraphError",
+    "BrickLockError",
     "BrickOutputError",
     "GraphProblem",
 ]
@@ -102,6 +103,10 @@ class BrickExportError(BrickError):
 
 class BrickBackendError(BrickError, ValueError):
     """An unknown or unavailable backend or device was requested."""
+
+
+class BrickLockError(BrickError, ValueError):
+    """A stage lockfile cannot be used: missing, not JSON, another schema version, or ill-formed."""
 
 
 def add_note(error: BaseException, note: str) -> None:
