@@ -3,6 +3,7 @@
     torchbricks-fx inspect examples/cli_model.py
     torchbricks-fx export examples/cli_model.py --stage export -o model.onnx
     torchbricks-fx bench examples/cli_model.py --backends eager,fx --batch-sizes 1,8
+    torchbricks-fx check examples/cli_model.py --lock examples/cli_model.lock.json
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def test_help_examples_name_the_real_subcommands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     examples = [line.split()[1] for line in out.splitlines() if line.strip().startswith("torchbricks-fx ")]
-    assert examples == ["inspect", "export", "bench", "deploy"]
+    assert examples == ["inspect", "export", "bench", "deploy", "lock", "check"]
 
 
 def test_bench_backends_default_is_the_librarys(capsys):

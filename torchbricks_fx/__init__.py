@@ -32,11 +32,15 @@ if TYPE_CHECKING:
         BrickError,
         BrickExportError,
         BrickGraphError,
+        BrickLockError,
         BrickOutputError,
         GraphProblem,
     )
     from torchbricks_fx.export import ExportReport, OutputError, export_onnx, export_program
     from torchbricks_fx.fx import StageModule, compile_stage
+    from torchbricks_fx.lockfile import lock
+    from torchbricks_fx.lockfile_diff import LockChange, diff_locks
+    from torchbricks_fx.lockfile_format import Lock, read_lock, write_lock
     from torchbricks_fx.plan import StagePlan
     from torchbricks_fx.stage import Stage
 
@@ -45,7 +49,8 @@ __version__ = "0.2.0"
 _PUBLIC = {
     "torchbricks_fx.stage": ("Stage",),
     "torchbricks_fx.errors": ("BrickBackendError", "BrickDeployError", "BrickDeployInputError", "BrickError",
-                              "BrickExportError", "BrickGraphError", "BrickOutputError", "GraphProblem"),
+                              "BrickExportError", "BrickGraphError", "BrickLockError", "BrickOutputError",
+                              "GraphProblem"),
     "torchbricks_fx.brick": ("Brick", "BrickInterface", "BrickLoss", "BrickMetricSingle", "BrickMetrics",
                              "BrickModule", "BrickNotTrainable", "BrickTrainable"),
     "torchbricks_fx.collection": ("BrickCollection",),
@@ -55,6 +60,9 @@ _PUBLIC = {
     "torchbricks_fx.benchmarking": ("BenchmarkResult", "BrickProfile", "benchmark", "profile_bricks"),
     "torchbricks_fx.deployment": ("CandidateResult", "DeployReport", "deploy"),
     "torchbricks_fx.bundle": ("Bundle", "load_bundle"),
+    "torchbricks_fx.lockfile": ("lock",),
+    "torchbricks_fx.lockfile_format": ("Lock", "read_lock", "write_lock"),
+    "torchbricks_fx.lockfile_diff": ("LockChange", "diff_locks"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 
@@ -69,6 +77,7 @@ __all__ = [
     "BrickExportError",
     "BrickGraphError",
     "BrickInterface",
+    "BrickLockError",
     "BrickLoss",
     "BrickMetricSingle",
     "BrickMetrics",
@@ -82,6 +91,8 @@ __all__ = [
     "DeployReport",
     "ExportReport",
     "GraphProblem",
+    "Lock",
+    "LockChange",
     "OutputError",
     "Stage",
     "StageModule",
@@ -89,10 +100,14 @@ __all__ = [
     "benchmark",
     "compile_stage",
     "deploy",
+    "diff_locks",
     "export_onnx",
     "export_program",
     "load_bundle",
+    "lock",
     "profile_bricks",
+    "read_lock",
+    "write_lock",
 ]
 
 

@@ -64,9 +64,3 @@ def parse_backends(backends: str | Sequence[str], device: torch.device) -> tuple
         raise BrickBackendError(f"Backend(s) {', '.join(map(repr, cuda_only))} need device='cuda' (CUDA graphs); "
                                 f"the requested device is {str(device)!r}.")
     return tuple(dict.fromkeys(names))
-
-
-def check_batch_size(batch_size: object) -> None:
-    """``BrickBackendError`` unless ``batch_size`` is a positive integer."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise BrickBackendError(f"Batch sizes must be positive integers, not {batch_size!r}.")

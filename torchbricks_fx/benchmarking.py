@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.benchmark import Timer
 
-from torchbricks_fx.backends import DEFAULT_BACKENDS, check_batch_size, parse_backends, parse_device
+from torchbricks_fx.backends import DEFAULT_BACKENDS, parse_backends, parse_device
 from torchbricks_fx.errors import BrickBackendError, error_summary
 from torchbricks_fx.numerics import compare_outputs
 from torchbricks_fx.runners import BoundCall, Runner, make_runner
-from torchbricks_fx.runtime import batch_size_of, preserved_state
+from torchbricks_fx.runtime import batch_size_of, check_batch_size, preserved_state, resize_batch
 from torchbricks_fx.stage import Stage, parse_stage
 
 if TYPE_CHECKING:
@@ -46,8 +46,11 @@ Progress = Callable[[str], None]
 class BenchmarkResult:
     """One backend at one batch size.  Times are seconds per call; ``None`` where not applicable or failed.
 
-    ``runs`` is the number of measurements behind the median and IQR; ``load_average`` the machine's 1-minute
-    load when the backend started (above the number of cores, timings are unreliable).
+    ``compiles`` (compiled backends) is the number of graphs compiled at this batch size during warm-up: the
+    first batch size compiles, later ones only where the batch changes what the compiler chose (on CPU,
+    convolutions compile one graph each for batch 1, 2-15 and 16+); a compile during the timed calls
+    fails the row.  ``runs`` is the number of measurements behind the median and IQR; ``load_average`` the
+    machine's 1-minute load when the backend started (above the number of cores, timings are unreliable).
     ``setup_seconds`` is the one-time preparation of the backend (building the stage module; torch.compile's
     wrapper; export + verification + session creation for onnxruntime), ``warmup_seconds`` the untimed first
     calls at this batch size (where torch.compile really compiles).  ``matched`` says whether the outputs
@@ -75,6 +78,7 @@ class BenchmarkResult:
     failed: bool = False
     reason: str | None = None
     load_average: float | None = None
+    compiles: int | None = None
 
     @property
     def compile_seconds(self) -> float | None:
@@ -95,37 +99,6 @@ class BrickProfile:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def resize_batch(named_inputs: Mapping[str, Any], batch_size: int,
-                 input_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """The inputs at another batch size: dimension 0 repeated or sliced to ``batch_size`` for every tensor
-    whose dimension 0 is the current batch size (the first input's, see ``runtime.batch_size_of``).  Other
-    tensors (a fixed table of another length), 0-d tensors and other values are unchanged; so is a table
-    that happens to have the batch size as its length, which export would make dynamic too."""
-    check_batch_size(batch_size)
-    current = batch_size_of(named_inputs, input_names)
-    if current == batch_size or (current is None and batch_size == 1):
-        return dict(named_inputs)
-    if not current:
-        shapes = {n: list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                  for n, v in named_inputs.items()}
-        raise BrickBackendError(f"Cannot resize the inputs to batch size {batch_size}: the first input has no "
-                                f"batch to repeat (given: {shapes}).")
-    resized: dict[str, Any] = {}
-    for name, value in named_inputs.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == current:
-            try:
-                index = torch.arange(batch_size, device=value.device) % current
-                resized[name] = value.index_select(0, index)
-            except (RuntimeError, MemoryError) as error:  # out of memory: say which batch size did it
-                size = value[:1].element_size() * value[:1].numel() * batch_size
-                raise BrickBackendError(f"Batch size {batch_size} does not fit in memory: input {name!r} alone "
-                                        f"needs {size / 2**30:.1f} GiB ({error_summary(error, 200)}); use smaller "
-                                        f"batch sizes.") from None
-        else:
-            resized[name] = value
-    return resized
-
-
 def _to_device(named_inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in named_inputs.items()}
 
@@ -223,17 +196,24 @@ def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping
         torch.cuda.reset_peak_memory_stats(device)
         start_bytes = torch.cuda.memory_allocated(device)
     bound = runner.bind(named_inputs)
+    count = runner.compile_count or (lambda: 0)
+    before = count()
     warmup = _warm_up(runner, bound, device)
     matched, error = compare_outputs(reference, bound.fetch(), device)
+    warm = count()
     measurement = time_statement(bound.stmt, bound.globals, threads=base.threads, min_run_time=min_run_time,
                                  label=base.stage, description=runner.name)
+    if count() != warm:
+        raise BrickBackendError(f"{runner.name} compiled {count() - warm} more graph(s) while being timed at batch "
+                                f"size {base.batch_size}; the timing would include compilation.")
     # ORT allocates on the GPU outside torch's allocator: torch's peak would be meaningless there.
     peak = torch.cuda.max_memory_allocated(device) - start_bytes if cuda and runner.name != "onnxruntime" else None
     median = float(measurement.median)
     return dataclasses.replace(base, median_s=median, iqr_s=float(measurement.iqr), runs=len(measurement.times),
                                throughput=base.batch_size / median if median > 0 else None,
                                setup_seconds=runner.setup_seconds, warmup_seconds=warmup, peak_memory_bytes=peak,
-                               matched=matched, max_abs_error=error)
+                               matched=matched, max_abs_error=error,
+                               compiles=warm - before if runner.compile_count else None)
 
 
 def _run_backend(name: str, collection: BrickCollection, stage: Stage, outputs: Sequence[str],

@@ -21,6 +21,7 @@ __all__ = [
     "BrickError",
     "BrickExportError",
     "BrickGraphError",
+    "BrickLockError",
     "BrickOutputError",
     "GraphProblem",
 ]
@@ -119,6 +120,10 @@ class BrickDeployInputError(BrickDeployError, ValueError):
     """What a deployment was given cannot be used: validation batches without the targets a metric brick
     reads, a stage without metric bricks, an unknown candidate or metric, a bad budget, bundle inputs of
     the wrong name, dtype or shape."""
+
+
+class BrickLockError(BrickError, ValueError):
+    """A stage lockfile cannot be used: missing, not JSON, another schema version, or ill-formed."""
 
 
 def add_note(error: BaseException, note: str) -> None:

@@ -15,6 +15,7 @@ Node metadata (``node.meta``):
 
 from __future__ import annotations
 
+import contextlib
 import keyword
 import operator
 import re
@@ -29,11 +30,21 @@ from torch import nn
 from torchbricks_fx.binding import STAGE_INPUT, name_outputs
 from torchbricks_fx.brick import call_without_grad
 from torchbricks_fx.errors import BrickError
-from torchbricks_fx.runtime import BoundStage, add_brick_note, check_inputs, enter_modes, exit_modes
+from torchbricks_fx.runtime import (
+    BoundStage,
+    add_brick_note,
+    check_inputs,
+    enter_modes,
+    exit_modes,
+    note_training_call,
+    preserved_state,
+    resize_batch,
+)
 from torchbricks_fx.stage import Stage, parse_stage
 
 if TYPE_CHECKING:
     from torchbricks_fx.collection import BrickCollection
+    from torchbricks_fx.compiling import CompiledGraph, CompileOptions
     from torchbricks_fx.plan import StagePlan
 
 __all__ = ["META_BRICK", "META_OUTPUTS", "META_VALUE", "StageModule", "build_graph_module", "compile_stage"]
@@ -153,8 +164,9 @@ class StageModule(nn.Module):
     _graph_forward: Callable[..., Any]
     _bound: BoundStage
 
-    def __init__(self, bound: BoundStage) -> None:
+    def __init__(self, bound: BoundStage, compile_options: CompileOptions | None = None) -> None:
         super().__init__()
+        self.compile_options = compile_options
         plan = bound.plan
         self.plan = plan
         self.stage = plan.stage
@@ -180,6 +192,10 @@ class StageModule(nn.Module):
         self.__dict__["forward"] = types.MethodType(own, self)
         # Bound once: the hot path skips nn.Module.__getattr__ and GraphModule.__call__'s error wrapper.
         self.__dict__["_graph_forward"] = self.graph_module.forward
+        if self.compile_options is not None:
+            from torchbricks_fx.compiling import CompiledGraph
+
+            self.__dict__["_graph_forward"] = CompiledGraph(self.graph_module, self.stage, self.compile_options)
         if self._bound.metric_steps:
             # Metrics are stateful and full of data-dependent shapes: under torch.compile they stay eager,
             # behind this one deliberate graph break, instead of Dynamo tracing (and breaking inside)
@@ -206,6 +222,8 @@ class StageModule(nn.Module):
         # deliberate graph break inside torch.set_grad_enabled, not inside a user-defined context manager.
         bound = self._bound
         training = bound.training
+        if training:
+            note_training_call()
         flipped = enter_modes(bound.modules, training)
         try:
             with torch.set_grad_enabled(training):
@@ -226,9 +244,15 @@ class StageModule(nn.Module):
         if torch.compiler.is_compiling():
             return self._graph_forward(*args)
         if not self._arity_checked:
-            results = _ArityCheck(self.graph_module).run(*args)
+            if self.compile_options is None:
+                results = _ArityCheck(self.graph_module).run(*args)
+                self._arity_checked = True
+                return results
+            # A compiled stage checks eagerly (restoring what the check moved), then its first call compiles,
+            # as a warm-up expects.
+            with preserved_state(self.graph_module), torch.no_grad():
+                _ArityCheck(self.graph_module).run(*args)
             self._arity_checked = True
-            return results
         try:
             return self._graph_forward(*args)
         except Exception as error:
@@ -237,15 +261,48 @@ class StageModule(nn.Module):
                 add_brick_note(error, brick)
             raise
 
+    # ------------------------------------------------------------------ compiled stages
+    @property
+    def compiled(self) -> CompiledGraph | None:
+        """The compiled graph when built with ``compile=``; ``None`` otherwise."""
+        graph = self.__dict__.get("_graph_forward")
+        return graph if self.compile_options is not None else None
+
+    def warm_up(self, named_inputs: Mapping[str, Any], batch_sizes: Sequence[int] | None = None) -> None:
+        """Runs the stage on ``named_inputs`` resized to each of ``batch_sizes`` (default: as given), so that a
+        compiled stage compiles now, with recompiles allowed; the model's buffers and metric states are
+        restored afterwards.  On CPU, convolution stages compile one graph each for batch 1, 2-15 and 16+:
+        ``batch_sizes=[1, 2, 16]`` covers them all."""
+        inputs = [dict(named_inputs)] if batch_sizes is None else \
+            [resize_batch(named_inputs, size, self.input_names) for size in batch_sizes]
+        compiled = self.compiled
+        sizes = tuple(batch_sizes or ())
+        with preserved_state(self), (compiled.warming_up(sizes) if compiled else contextlib.nullcontext()):
+            for each in inputs:
+                self(each)
+
+    def refresh(self) -> None:
+        """A frozen compiled stage forgets its weights and freezes them again on the next call (needed only
+        after changes no version counter shows, such as writes through ``param.data``)."""
+        if self.compiled is not None:
+            self.compiled.refresh()
+
     def extra_repr(self) -> str:
-        return f"stage={self.stage.value}, inputs={list(self.input_names)}, outputs={list(self.output_names)}"
+        compiled = ", compiled" if self.compile_options is not None else ""
+        return f"stage={self.stage.value}, inputs={list(self.input_names)}, outputs={list(self.output_names)}{compiled}"
 
 
-def compile_stage(collection: BrickCollection, stage: Stage | str, *,
-                  outputs: Sequence[str] | None = None) -> StageModule:
+def compile_stage(collection: BrickCollection, stage: Stage | str, *, outputs: Sequence[str] | None = None,
+                  compile: bool | CompileOptions = False) -> StageModule:
     """Plans ``stage`` of ``collection`` and writes it as a :class:`StageModule` over a pruned GraphModule.
 
     ``outputs`` selects the values to return (default: every value the stage's bricks produce); only the
-    bricks they need (and the stage's metric bricks) are kept.  Raises ``BrickGraphError``.
+    bricks they need (and the stage's metric bricks) are kept.  ``compile=True`` (or a
+    :class:`~torchbricks_fx.compiling.CompileOptions`) compiles the graph for what the stage is: eval
+    stages as inference graphs with frozen weights (refrozen when the weights change), TRAIN forward and
+    backward; the batch axis is dynamic from the first call.  Raises ``BrickGraphError``.
     """
-    return StageModule(collection.bound_stage(parse_stage(stage), outputs))
+    from torchbricks_fx.compiling import CompileOptions
+
+    options = CompileOptions() if compile is True else (compile or None)
+    return StageModule(collection.bound_stage(parse_stage(stage), outputs), options)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from torchbricks_fx.collection import BrickCollection
+from torchbricks_fx.compiling import CompileOptions
 from torchbricks_fx.errors import BrickError
 from torchbricks_fx.fx import compile_stage
 from torchbricks_fx.runtime import batch_size_of
@@ -76,12 +77,16 @@ class BrickLightningModule(pl.LightningModule):
     (``(images, labels)`` -> ``{"raw": images, "targets": labels}``).  ``outputs`` selects, per stage, the
     values its module returns (e.g. ``{"inference": ["class_prediction"]}`` for ``predict_step``; default:
     every value); keep the losses among them in TRAIN.  Each stage is compiled on first use and rebuilt only
-    when its plan or one of its bricks' modules changes (``compile=True`` also wraps it in ``torch.compile``).
+    when its plan or one of its bricks' modules changes.  ``compile=True`` compiles each stage for what it
+    is (``compile_stage(..., compile=...)``): TRAIN forward and backward; TEST and predict (INFERENCE) as
+    frozen inference graphs; VALIDATION as an inference graph without freezing, because the weights change
+    between validation epochs and refreezing would recompile every epoch.  A ``CompileOptions`` sets the
+    options of every stage.
     Checkpoints hold the collection's weights under ``collection.``.
     """
 
     def __init__(self, collection: BrickCollection | Mapping[str, Any], optimizer_factory: OptimizerFactory,
-                 compile: bool = False, batch_names: Sequence[str] = ("raw", "targets"),
+                 compile: bool | CompileOptions = False, batch_names: Sequence[str] = ("raw", "targets"),
                  outputs: Mapping[Stage | str, Sequence[str]] | None = None) -> None:
         super().__init__()
         # A registered submodule: the optimizer, DDP and checkpoints see every brick's parameters.
@@ -103,10 +108,16 @@ class BrickLightningModule(pl.LightningModule):
         cached: _Cached | None = self._stage_modules.get(stage)
         revision = self.collection.revision
         if cached is None or cached[0] != revision:
-            module = compile_stage(self.collection, stage, outputs=self.outputs.get(stage))
-            cached = (revision, torch.compile(module) if self.use_compile else module)
+            module = compile_stage(self.collection, stage, outputs=self.outputs.get(stage),
+                                   compile=self._compile_options(stage))
+            cached = (revision, module)
             self._stage_modules[stage] = cached
         return cached[1]
+
+    def _compile_options(self, stage: Stage) -> CompileOptions | bool:
+        if self.use_compile is True:
+            return CompileOptions(freeze=stage is not Stage.VALIDATION)
+        return self.use_compile
 
     def named_inputs(self, batch: Any) -> dict[str, Any]:
         """A batch as a dict of named inputs (see ``batch_names``)."""

@@ -44,8 +44,10 @@ def require_cuda_provider(device: torch.device) -> None:
 def ort_session(path: str | os.PathLike[str], device: torch.device | str = "cpu", *, threads: int | None = None,
                 optimized_path: str | os.PathLike[str] | None = None) -> Any:
     """An ``InferenceSession`` for ``path`` on ``device`` with every graph optimization on and ``threads``
-    intra-op threads (default: torch's).  ``optimized_path`` also saves the optimized model there (it is
-    specific to this machine's hardware and this onnxruntime)."""
+    intra-op threads (default: torch's).  ``optimized_path`` also saves the optimized model there, optimized
+    up to ``ORT_ENABLE_EXTENDED`` (onnxruntime's advice for saved models: the layout optimizations of
+    ``ORT_ENABLE_ALL`` are specific to the machine that made them; a session on the saved file applies them
+    again), with its weights in ``<optimized_path>.data`` when large."""
     import onnxruntime as ort
 
     device = torch.device(device)
@@ -54,7 +56,13 @@ def ort_session(path: str | os.PathLike[str], device: torch.device | str = "cpu"
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     if optimized_path is not None:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = os.fspath(optimized_path)
+        # Otherwise the saved model points at the original's external data by a relative path.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         f"{os.path.basename(optimized_path)}.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         str(1 << 20))
     session = ort.InferenceSession(os.fspath(path), options, providers=ort_providers(device))
     if device.type == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         # ORT falls back to CPU silently when the CUDA libraries cannot be loaded.

@@ -89,18 +89,18 @@ def to_markdown(results: Sequence[BenchmarkResult]) -> str:
     """A Markdown table, one row per backend and batch size (failed backends with their reason), and a line
     with the stage, the threads and the machine's load."""
     header = ("| backend | device | batch | median ms | IQR ms | n | items/s | vs eager | setup s | warm-up s "
-              "| peak MiB | matches eager |")
+              "| compiles | peak MiB | matches eager |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in results:
         if r.failed:
-            lines.append(f"| {r.backend} | {r.device} | {r.batch_size} | failed: {cell(r.reason)} | | | | | | | | |")
+            lines.append(f"| {r.backend} | {r.device} | {r.batch_size} | failed: {cell(r.reason)} | | | | | | | | | |")
             continue
         peak = None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20
         match = "yes" if r.matched else f"NO (max error {number(r.max_abs_error, '.3g')})"
         lines.append(f"| {r.backend} | {r.device} | {r.batch_size} | {ms(r.median_s)} | {ms(r.iqr_s)} | {r.runs} "
                      f"| {number(r.throughput, ',.0f')} | {number(r.speedup_vs_eager, '.2f')}x "
-                     f"| {number(r.setup_seconds, '.2f')} | {number(r.warmup_seconds, '.2f')} | {number(peak, '.1f')} "
-                     f"| {match} |")
+                     f"| {number(r.setup_seconds, '.2f')} | {number(r.warmup_seconds, '.2f')} "
+                     f"| {'-' if r.compiles is None else r.compiles} | {number(peak, '.1f')} | {match} |")
     if results:
         lines.append(f"\n{conditions(results)}; times per call, median and IQR over n measurements.")
     return "\n".join(lines) + "\n"

@@ -10,8 +10,10 @@ What each statement includes (the "hot path" of a user calling the backend):
 
 * ``eager``: ``collection(named_inputs, stage=stage)``; every live brick of the stage runs.
 * ``fx``: ``stage_module(named_inputs)`` on ``compile_stage(collection, stage, outputs=outputs)``.
-* ``compile``: ``compiled(named_inputs)`` with ``compiled = torch.compile(stage_module)``.
-* ``cudagraphs`` (CUDA only): the same with ``torch.compile(stage_module, mode="reduce-overhead")``.
+* ``compile``: ``stage_module(named_inputs)`` with ``compile_stage(collection, stage, outputs=outputs,
+  compile=True)``: the stage compiled for what it is (eval stages: frozen inference graphs; TRAIN:
+  forward and backward), dynamic batch.
+* ``cudagraphs`` (CUDA only): the same with ``CompileOptions(mode="reduce-overhead")`` (CUDA graphs).
 * ``onnxruntime``: ``session.run(output_names, feeds)`` with numpy feeds prepared beforehand (CPU), or
   ``session.run_with_iobinding(binding)`` with inputs bound to the CUDA tensors and outputs left on the
   GPU (CUDA).  Converting tensors to numpy arrays (CPU) or binding them (CUDA) is not included.
@@ -36,6 +38,7 @@ from torchbricks_fx.stage import Stage
 
 if TYPE_CHECKING:
     from torchbricks_fx.collection import BrickCollection
+    from torchbricks_fx.fx import StageModule
 
 __all__ = ["BoundCall", "Runner", "bind_session", "make_runner"]
 
@@ -62,8 +65,9 @@ class Runner:
     bind: Callable[[Mapping[str, Any]], BoundCall]
     cleanup: list[Callable[[], None]] = field(default_factory=list)
     # The compiled backends compile on their first calls, which must happen with Dynamo's recompile limit
-    # turned into an error (see benchmarking._warm_up).
+    # turned into an error (see benchmarking._warm_up); ``compile_count()`` tells how many graphs so far.
     compiles: bool = False
+    compile_count: Callable[[], int] | None = None
 
     def close(self) -> None:
         while self.cleanup:
@@ -96,14 +100,15 @@ def _eager_runner(collection: BrickCollection, stage: Stage, outputs: Sequence[s
     return Runner("eager", None, bind)
 
 
-def _module_runner(name: str, module: Any, setup_seconds: float, outputs: Sequence[str],
-                   compiles: bool = False) -> Runner:
+def _module_runner(name: str, module: StageModule, setup_seconds: float, outputs: Sequence[str]) -> Runner:
     def bind(named_inputs: Mapping[str, Any]) -> BoundCall:
         inputs = dict(named_inputs)
         return BoundCall(stmt="stage_module(named_inputs)", globals={"stage_module": module, "named_inputs": inputs},
                          fetch=lambda: _tensors_to_cpu(module(inputs), outputs))
 
-    return Runner(name, setup_seconds, bind, compiles=compiles)
+    compiled = module.compiled
+    return Runner(name, setup_seconds, bind, compiles=compiled is not None,
+                  compile_count=(lambda: compiled.compiles) if compiled is not None else None)
 
 
 def _fx_runner(collection: BrickCollection, stage: Stage, outputs: Sequence[str]) -> Runner:
@@ -115,11 +120,13 @@ def _fx_runner(collection: BrickCollection, stage: Stage, outputs: Sequence[str]
 
 def _compile_runner(collection: BrickCollection, stage: Stage, outputs: Sequence[str], mode: str | None = None,
                     name: str = "compile") -> Runner:
+    from torchbricks_fx.compiling import CompileOptions
     from torchbricks_fx.fx import compile_stage
 
-    # torch.compile is lazy: the real compilation happens on the first calls (benchmarking's warm-up).
-    compiled, seconds = _timed(lambda: torch.compile(compile_stage(collection, stage, outputs=outputs), mode=mode))
-    return _module_runner(name, compiled, seconds, outputs, compiles=True)
+    # Compilation is lazy: it happens on the first calls (benchmarking's warm-up), one graph per batch range.
+    options = CompileOptions(mode=mode)
+    stage_module, seconds = _timed(lambda: compile_stage(collection, stage, outputs=outputs, compile=options))
+    return _module_runner(name, stage_module, seconds, outputs)
 
 
 # ----------------------------------------------------------------------------------------------- onnxruntime

@@ -23,11 +23,23 @@ from torch import nn
 
 from torchbricks_fx.binding import STAGE_INPUT, Binding, name_outputs
 from torchbricks_fx.brick import Brick
-from torchbricks_fx.errors import BrickError, BrickGraphError, GraphProblem, add_note
+from torchbricks_fx.errors import BrickBackendError, BrickError, BrickGraphError, GraphProblem, add_note, error_summary
 from torchbricks_fx.plan import PLAN_HINT, BrickSpec, StagePlan, closest_names
 from torchbricks_fx.stage import Stage
 
-__all__ = ["BoundStage", "BoundStep"]
+__all__ = ["BoundStage", "BoundStep", "resize_batch"]
+
+# Calls of TRAIN stages in this process.  A frozen compiled stage compares it with the count at freezing:
+# a training call may change weights in ways no version counter shows (fused optimizers).
+_TRAINING_CALLS = [0]
+
+
+def training_calls() -> int:
+    return _TRAINING_CALLS[0]
+
+
+def note_training_call() -> None:
+    _TRAINING_CALLS[0] += 1
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,8 @@ class BoundStage:
         """Runs the stage eagerly in its modes; returns the inputs and every value the bricks produce (and
         updates the metric bricks unless ``metrics=False``)."""
         check_inputs(self.plan, named_inputs)
+        if self.training:
+            note_training_call()
         values = dict(named_inputs)
         values[STAGE_INPUT] = self.plan.stage
         with self.modes():
@@ -214,6 +228,43 @@ def batch_size_of(named_inputs: Mapping[str, Any], input_names: Sequence[str] | 
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
 
 
+def check_batch_size(batch_size: object) -> None:
+    """``BrickBackendError`` unless ``batch_size`` is a positive integer."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise BrickBackendError(f"Batch sizes must be positive integers, not {batch_size!r}.")
+
+
+def resize_batch(named_inputs: Mapping[str, Any], batch_size: int,
+                 input_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The inputs at another batch size: dimension 0 repeated or sliced to ``batch_size`` for every tensor
+    whose dimension 0 is the current batch size (the first input's, see :func:`batch_size_of`).  Other
+    tensors (a fixed table of another length), 0-d tensors and other values are unchanged; so is a table
+    that happens to have the batch size as its length, which export would make dynamic too."""
+    check_batch_size(batch_size)
+    current = batch_size_of(named_inputs, input_names)
+    if current == batch_size or (current is None and batch_size == 1):
+        return dict(named_inputs)
+    if not current:
+        shapes = {n: list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                  for n, v in named_inputs.items()}
+        raise BrickBackendError(f"Cannot resize the inputs to batch size {batch_size}: the first input has no "
+                                f"batch to repeat (given: {shapes}).")
+    resized: dict[str, Any] = {}
+    for name, value in named_inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == current:
+            try:
+                index = torch.arange(batch_size, device=value.device) % current
+                resized[name] = value.index_select(0, index)
+            except (RuntimeError, MemoryError) as error:  # out of memory: say which batch size did it
+                size = value[:1].element_size() * value[:1].numel() * batch_size
+                raise BrickBackendError(f"Batch size {batch_size} does not fit in memory: input {name!r} alone "
+                                        f"needs {size / 2**30:.1f} GiB ({error_summary(error, 200)}); use smaller "
+                                        f"batch sizes.") from None
+        else:
+            resized[name] = value
+    return resized
+
+
 @contextlib.contextmanager
 def preserved_state(module: nn.Module) -> Iterator[None]:
     """Restores ``module``'s buffers (BatchNorm statistics move in TRAIN) and torchmetrics states (metric
@@ -230,7 +281,10 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for (owner, name), saved in buffers.items():
                 current = owner._buffers.get(name)
-                if current is not None:
+                # Unchanged buffers are left alone: a copy would bump their version, which frozen compiled
+                # stages read as "the weights changed".  (Versions cannot tell what changed: BatchNorm
+                # updates its running statistics without bumping theirs.)
+                if current is not None and not torch.equal(current, saved):
                     current.copy_(saved)
         for metric, (state, update_count, computed) in metrics.items():
             for name, value in state.items():

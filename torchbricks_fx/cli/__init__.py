@@ -1,4 +1,5 @@
-"""``torchbricks-fx`` (also ``python -m torchbricks_fx``): inspect, export, benchmark and deploy a collection.
+"""``torchbricks-fx`` (also ``python -m torchbricks_fx``): inspect, export, benchmark, deploy and lock a
+collection.
 
 Every command works on a Python file that defines a function (``build`` by default) returning
 ``(collection, example_named_inputs)``: ``torchbricks-fx inspect model.py`` or ``model.py:make_model``.
@@ -9,7 +10,8 @@ errors answer at once.
 Exit codes: 0 success; 1 the work failed or found problems (``inspect`` reporting validation problems, any
 ``BrickExportError``: a failed export, or an existing output file without ``--overwrite``; ``deploy``
 accepting no candidate, or an existing bundle folder); 2 unusable input (missing file, no build function,
-invalid collection, unknown stage/backend/device/candidate, validation batches without the targets).  Errors are one
+invalid collection, unknown stage/backend/device/candidate, validation batches without the targets,
+missing or bad lock file).  ``check`` exits 1 when the collection differs from its lock file.  Errors are one
 paragraph on stderr, without a traceback unless ``--traceback`` is given.
 """
 
@@ -19,31 +21,39 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from torchbricks_fx.cli import cmd_bench, cmd_deploy, cmd_export, cmd_inspect
+from torchbricks_fx.cli import cmd_bench, cmd_deploy, cmd_export, cmd_inspect, cmd_lock
 from torchbricks_fx.cli.common import PROG, CliError, load_build, paragraph
 from torchbricks_fx.errors import BrickDeployError, BrickDeployInputError, BrickError, BrickExportError
 
 __all__ = ["CliError", "load_build", "main"]
 
-COMMANDS = (cmd_inspect, cmd_export, cmd_bench, cmd_deploy)
+COMMANDS = (cmd_inspect, cmd_export, cmd_bench, cmd_deploy, cmd_lock)
+
+
+def _command_names() -> list[str]:
+    """Each module registers the command it is named after (``cmd_export``), or those in its ``NAMES``."""
+    return [name for c in COMMANDS for name in getattr(c, "NAMES", (c.__name__.rsplit("_", 1)[1],))]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Inspect, export, benchmark and deploy a torchbricks_fx collection defined in a Python "
-                               "file whose build() returns (collection, example_named_inputs).",
+        prog=PROG, description="Inspect, export, benchmark, deploy and lock a torchbricks_fx collection defined in a "
+                               "Python file whose build() returns (collection, example_named_inputs).",
         epilog="examples:\n"
                "  torchbricks-fx inspect model.py --mermaid\n"
                "  torchbricks-fx export model.py --stage export -o model.onnx\n"
                "  torchbricks-fx bench model.py --backends eager,fx,compile,onnxruntime --batch-sizes 1,8,32\n"
                "  torchbricks-fx deploy model.py --validation data.py:validation --max-metric-drop 0.01 -o bundle\n"
+               "  torchbricks-fx lock model.py -o bricks.lock.json\n"
+               "  torchbricks-fx check model.py --lock bricks.lock.json\n"
                "exit codes: 0 ok; 1 the work failed (export, deploy: also an existing -o without --overwrite; "
-               "deploy: no candidate accepted) or inspect found problems; 2 unusable input",
+               "deploy: no candidate accepted), inspect found problems or check found differences; 2 unusable "
+               "input",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{" + ",".join(c.__name__.rsplit("_", 1)[1] for c in COMMANDS) + "}")
+                                metavar="{" + ",".join(_command_names()) + "}")
     for command in COMMANDS:
         command.register(sub, common)
     return parser

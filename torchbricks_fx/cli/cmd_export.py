@@ -26,6 +26,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         help="with --legacy: write the file although the tracer warned that it may be wrong for "
                              "other inputs (verification still runs)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime verification")
+    parser.add_argument("--save-optimized", action="store_true",
+                        help="also write onnxruntime's optimized model beside the file (NAME.optimized.onnx)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     parser.set_defaults(run=run)
 
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         report = export_onnx(collection, output, named_inputs, stage=chosen, outputs=outputs,
                              dynamic_batch=not args.no_dynamic_batch, opset=args.opset, verify=not args.no_verify,
                              overwrite=args.overwrite, dynamo=not args.legacy,
-                             accept_tracer_warnings=args.accept_tracer_warnings)
+                             accept_tracer_warnings=args.accept_tracer_warnings,
+                             save_optimized=args.save_optimized)
     print(report.to_markdown())
     return 0

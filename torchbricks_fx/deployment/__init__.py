@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchbricks_fx.backends import check_batch_size, parse_device
+from torchbricks_fx.backends import parse_device
 from torchbricks_fx.benchmarking import machine_load
 from torchbricks_fx.deployment.acceptance import MetricGate, metric_stage_of, resolve_budgets
 from torchbricks_fx.deployment.candidates import CANDIDATES, BuildContext, parse_candidates
@@ -30,7 +30,7 @@ from torchbricks_fx.deployment.writer import write_bundle
 from torchbricks_fx.errors import BrickDeployError, BrickDeployInputError
 from torchbricks_fx.export.target import make_target
 from torchbricks_fx.files import check_destination
-from torchbricks_fx.runtime import batch_size_of, preserved_state
+from torchbricks_fx.runtime import batch_size_of, check_batch_size, preserved_state
 from torchbricks_fx.stage import Stage, parse_stage
 
 if TYPE_CHECKING:

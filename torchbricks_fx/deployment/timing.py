@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from torchbricks_fx.benchmarking import WARMUP_CALLS, resize_batch, time_statement
+from torchbricks_fx.benchmarking import WARMUP_CALLS, time_statement
 from torchbricks_fx.deployment.report import Latency
 from torchbricks_fx.runners import BoundCall
+from torchbricks_fx.runtime import resize_batch
 
 __all__ = ["batch_inputs", "time_candidate"]
 

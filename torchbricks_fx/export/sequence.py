@@ -87,8 +87,8 @@ def _verification_runs(target: Target, args: tuple[torch.Tensor, ...], axes: Axe
 
 
 def _size(staged: Path) -> int:
-    """The artifact's bytes, external data files included (the staging folder holds nothing else)."""
-    return sum(p.stat().st_size for p in staged.parent.iterdir() if p.is_file())
+    """The artifact's bytes, its external data file included."""
+    return sum(p.stat().st_size for p in (staged, staged.with_name(f"{staged.name}.data")) if p.is_file())
 
 
 def run_export(exporter: Exporter, collection: BrickCollection, path: str | os.PathLike[str],

@@ -1,0 +1,196 @@
+"""Fast stages: eval stages compiled as frozen inference graphs that never serve stale weights, TRAIN stages
+compiled forward and backward, and no recompiles across batch sizes after warm-up."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import multitask_bricks
+
+from torchbricks_fx import BrickBackendError, BrickCollection, Stage, compile_stage
+from torchbricks_fx.compiling import CompileOptions
+from torchbricks_fx.numerics import compare_tensors, difference, tolerance
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def collection() -> BrickCollection:
+    torch.manual_seed(0)
+    return BrickCollection(multitask_bricks())
+
+
+def train_inputs(batch_size: int = 4) -> dict[str, torch.Tensor]:
+    torch.manual_seed(batch_size)
+    return {"raw": torch.rand(batch_size, 3, 16, 16), "labels": torch.randint(0, 3, (batch_size,)),
+            "masks": torch.randint(0, 2, (batch_size, 16, 16))}
+
+
+def images(batch_size: int) -> dict[str, torch.Tensor]:
+    return {"raw": torch.rand(batch_size, 3, 16, 16)}
+
+
+def assert_like_eager(stage_module, collection, inputs, dtype=torch.float32) -> None:
+    got = stage_module(inputs)
+    want = collection(inputs, stage_module.stage)
+    for name in stage_module.output_names:
+        if dtype is torch.float32:
+            ok, error, _ = compare_tensors(got[name], want[name])
+        else:
+            diff = difference(got[name], want[name], *tolerance(dtype))
+            ok, error = diff.ok, diff.max_abs
+        assert ok, f"{name}: max abs error {error}"
+
+
+def train_step(collection: BrickCollection, inputs: dict[str, torch.Tensor]) -> None:
+    optimizer = torch.optim.SGD(collection.parameters(), lr=0.5)
+    out = collection(inputs, Stage.TRAIN)
+    sum(collection.extract_losses(out).values()).backward()  # type: ignore[union-attr]
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+# ------------------------------------------------------------------------------------------- staleness
+@pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "load_bricks", "to"])
+def test_a_frozen_eval_stage_never_serves_stale_weights(collection, tmp_path, change):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=True)
+    assert_like_eager(inference, collection, images(2))
+    first_compiles = inference.compiled.compiles
+    if change == "optimizer_step":
+        train_step(collection, train_inputs())
+    elif change == "load_state_dict":
+        other = BrickCollection(multitask_bricks())
+        collection.load_state_dict(other.state_dict())
+    elif change == "load_bricks":
+        other = BrickCollection(multitask_bricks())
+        collection.load_bricks(other.save_bricks(tmp_path / "weights"))
+    else:
+        collection.to(memory_format=torch.channels_last)  # new storages, same values
+        with torch.no_grad():
+            collection["backbone"].model.conv.weight.mul_(2.0)
+    assert_like_eager(inference, collection, images(2))  # the new weights, refrozen
+    assert inference.compiled.compiles > first_compiles
+
+
+def test_a_train_stage_between_eval_calls_refreezes_once(collection):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=True)
+    train = compile_stage(collection, Stage.TRAIN, compile=True)
+    assert_like_eager(inference, collection, images(3))
+    compiles = inference.compiled.compiles
+    assert_like_eager(inference, collection, images(3))
+    assert inference.compiled.compiles == compiles  # unchanged weights: nothing recompiles
+    optimizer = torch.optim.SGD(collection.parameters(), lr=0.5)
+    out = train(train_inputs())
+    (out["loss_cls"] + out["loss_seg"]).backward()
+    optimizer.step()
+    assert_like_eager(inference, collection, images(3))
+    assert inference.compiled.compiles == compiles + 1
+
+
+# ------------------------------------------------------------------------------------------- recompiles
+def test_no_recompiles_across_batch_sizes_after_warm_up(collection):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(fail_on_recompile=True))
+    inference.warm_up(images(4), batch_sizes=[1, 2, 16])
+    compiles = inference.compiled.compiles
+    assert 1 <= compiles <= 3
+    for batch_size in (8, 1, 32, 3, 2, 5):
+        assert_like_eager(inference, collection, images(batch_size))
+    assert inference.compiled.compiles == compiles
+    with pytest.raises(BrickBackendError, match=r"would recompile after warm-up.*dtype mismatch"):
+        inference({"raw": torch.rand(2, 3, 16, 16, dtype=torch.float64)})
+
+
+def test_the_batch_axis_is_dynamic_from_the_first_call(collection):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=True)
+    for batch_size in (2, 3, 5, 9):
+        inference(images(batch_size))
+    assert inference.compiled.compiles == 1
+
+
+def test_refreezing_warms_up_the_same_batch_sizes_again(collection):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(fail_on_recompile=True))
+    inference.warm_up(images(4), batch_sizes=[1, 2])
+    train_step(collection, train_inputs())
+    for batch_size in (2, 1, 4):  # no error: the refreeze compiled both ranges again
+        assert_like_eager(inference, collection, images(batch_size))
+
+
+# ------------------------------------------------------------------------------------------- TRAIN
+def test_compiled_train_stage_gradients_equal_eager(collection):
+    eager = copy.deepcopy(collection)
+    train = compile_stage(collection, Stage.TRAIN, compile=True)
+    inputs = train_inputs(6)
+    for run in (train, lambda i: eager(i, Stage.TRAIN)):
+        out = run(inputs)
+        (out["loss_cls"] + out["loss_seg"]).backward()
+    named = dict(eager.named_parameters())
+    for name, parameter in collection.named_parameters():
+        if parameter.grad is None:
+            assert named[name].grad is None
+            continue
+        ok, error, _ = compare_tensors(parameter.grad, named[name].grad)
+        assert ok, f"{name}: gradient max abs error {error}"
+    for name, buffer in collection.named_buffers():  # BatchNorm statistics moved alike
+        assert torch.allclose(buffer.float(), dict(eager.named_buffers())[name].float(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("options", [CompileOptions(), CompileOptions(freeze=False),
+                                     CompileOptions(channels_last=True), CompileOptions(dynamic_batch=False)],
+                         ids=["frozen", "not-frozen", "channels-last", "static-batch"])
+def test_every_fast_path_equals_eager(collection, options):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=options)
+    for batch_size in (1, 4):
+        assert_like_eager(inference, collection, images(batch_size))
+
+
+def test_bfloat16_autocast_is_verified_against_float32_at_its_tolerance(collection):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(autocast=torch.bfloat16))
+    got = inference(images(4))
+    assert got["logits"].dtype == torch.float32  # outputs keep the stage's dtypes
+    assert_like_eager(inference, collection, images(4), dtype=torch.bfloat16)
+
+
+def test_autocast_is_refused_where_it_does_not_belong(collection):
+    with pytest.raises(BrickBackendError, match=r"autocast takes torch\.bfloat16 or torch\.float16"):
+        CompileOptions(autocast=torch.float64)
+    with pytest.raises(BrickBackendError, match=r"autocast=\.\.\.\) is for eval stages"):
+        compile_stage(collection, Stage.TRAIN, compile=CompileOptions(autocast=torch.bfloat16))
+
+
+def test_metrics_of_a_compiled_stage_match_eager(collection):
+    validation = compile_stage(collection, Stage.VALIDATION, compile=True)
+    twin = copy.deepcopy(collection)
+    for batch_size in (4, 6):
+        inputs = train_inputs(batch_size)
+        validation(inputs)
+        twin(inputs, Stage.VALIDATION)
+    assert collection.summarize(Stage.VALIDATION) == twin.summarize(Stage.VALIDATION)
+
+
+# ------------------------------------------------------------------------------------------- onnxruntime
+def test_export_saves_the_optimized_model_beside_the_file(collection, tmp_path):
+    import onnxruntime
+
+    from torchbricks_fx import export_onnx
+    from torchbricks_fx.ort import ort_session, run_session
+
+    report = export_onnx(collection, tmp_path / "m.onnx", images(2), stage=Stage.INFERENCE, outputs=["logits"],
+                         save_optimized=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.optimized.onnx"]
+    assert report.file_size_bytes == (tmp_path / "m.onnx").stat().st_size
+    session = ort_session(tmp_path / "m.optimized.onnx", threads=1)
+    options = session.get_session_options()
+    assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.intra_op_num_threads == 1
+    inputs = images(3)
+    ok, error, _ = compare_tensors(run_session(session, inputs)["logits"], collection(inputs, "inference")["logits"])
+    assert ok, error
