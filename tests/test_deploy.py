@@ -68,10 +68,20 @@ def _broken(context: BuildContext) -> Built:
 BROKEN = CandidateKind("broken", "float32", "onnx", "always fails", _broken)
 
 
+def _not_a_file(context: BuildContext) -> Built:
+    from torchbricks_fx.deployment.steps import eager_bind
+    from torchbricks_fx.export.target import make_target
+
+    return Built(bind=eager_bind(make_target(context.collection, context.stage, context.outputs)))
+
+
+NOT_A_FILE = CandidateKind("not-a-file", "float32", "torch", "eager under another name", _not_a_file)
+
+
 @pytest.fixture(scope="module")
 def extra_candidates() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
-        for kind in (DAMAGED, BROKEN):
+        for kind in (DAMAGED, BROKEN, NOT_A_FILE):
             patch.setitem(CANDIDATES, kind.name, kind)
         yield
 
@@ -342,6 +352,21 @@ def test_an_interrupted_write_leaves_nothing_half_written(monkeypatch, tmp_path)
         deploy(BrickCollection(tiny_bricks()), tmp_path / "bundle", EXAMPLE, validation=tiny_batches(),
                candidates=["onnxruntime"], **FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_compiled_stage_is_judged_and_timed_but_never_written(extra_candidates, tmp_path):
+    report = deploy(BrickCollection(tiny_bricks()), tmp_path / "bundle", EXAMPLE, validation=tiny_batches(),
+                    candidates=["compiled", "onnxruntime"], **FAST)
+    compiled = report.candidate("compiled")
+    assert compiled.status == "accepted" and compiled.format == "torch" and compiled.latencies
+    assert compiled.tolerance_ok is True and "not a file" in " ".join(compiled.notes)
+    assert report.chosen == "onnxruntime"
+    if compiled.mean_latency_s < report.candidate("onnxruntime").mean_latency_s:  # type: ignore[operator]
+        assert any("compiled was the fastest accepted candidate but is not a file" in n for n in report.notes)
+    with pytest.raises(BrickDeployError, match=r"Only \['not-a-file'\] were accepted, which are not files"):
+        deploy(BrickCollection(tiny_bricks()), tmp_path / "other", EXAMPLE, validation=tiny_batches(),
+               candidates=[NOT_A_FILE.name], **FAST)
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_pt2_bundle(tmp_path):

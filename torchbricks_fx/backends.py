@@ -22,7 +22,7 @@ CUDA_ONLY_BACKENDS: tuple[str, ...] = ("cudagraphs",)
 COMPILED_BACKENDS: tuple[str, ...] = ("compile", "cudagraphs")
 
 DEPLOY_CANDIDATES: tuple[str, ...] = ("onnxruntime", "onnxruntime-int8-dynamic", "onnxruntime-int8-static",
-                                      "onnxruntime-fp16", "pt2")
+                                      "onnxruntime-fp16", "compiled", "pt2")
 """Deployment candidates in the order they are tried (``deployment/candidates.py`` builds them); here, torch-free,
 for the command line's help."""
 

@@ -161,7 +161,9 @@ def _run(collection: BrickCollection, target: Any, folder: Path, named_inputs: M
                           validation_samples=_samples(batches, target.input_names), notes=tuple(deployment.notes),
                           load_average=load)
     if chosen is None:
-        raise BrickDeployError("No candidate was accepted, so nothing was written:\n" + report.to_markdown(), report)
+        accepted = [r.name for r in results if r.accepted]
+        why = (f"Only {accepted} were accepted, which are not files" if accepted else "No candidate was accepted")
+        raise BrickDeployError(f"{why}, so nothing was written:\n" + report.to_markdown(), report)
     kind, built = deployment.artifact(chosen)
     specs_in, specs_out = deployment.specs()
     write_bundle(report, kind, built.files, built.providers, specs_in, specs_out, overwrite)

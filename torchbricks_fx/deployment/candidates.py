@@ -8,8 +8,9 @@ needs is missing, and anything else when it fails; the deployment records either
 
 Every artifact comes from well-kept tools, none written here: ``export_onnx`` / ``export_program``
 (verified against eager), onnxruntime's ``quant_pre_process``, ``quantize_dynamic`` and ``quantize_static``
-(QDQ, calibrated with a ``CalibrationDataReader`` over the validation batches), and onnxruntime's
-``transformers.float16`` converter.
+(QDQ, calibrated with a ``CalibrationDataReader`` over the validation batches), onnxruntime's
+``transformers.float16`` converter, and ``compile_stage(..., compile=True)`` (the frozen compiled stage, which
+is timed and judged like the others but is not a file, so it is never written to a bundle).
 """
 
 from __future__ import annotations
@@ -211,6 +212,28 @@ def _float16(context: BuildContext) -> Built:
     return ort_built(path, context)
 
 
+def _compiled(context: BuildContext) -> Built:
+    from torchbricks_fx.fx import compile_stage
+
+    # Eval stages compile as inference graphs with frozen weights (refrozen if the weights change); the batch
+    # axis is dynamic from the first call.  Compilation happens on the first calls (the tolerance gate's).
+    stage_module = compile_stage(context.collection, context.stage, outputs=list(context.outputs), compile=True)
+    outputs = context.outputs
+
+    def bind(named_inputs: Mapping[str, torch.Tensor]) -> BoundCall:
+        inputs = dict(named_inputs)
+
+        def fetch() -> dict[str, torch.Tensor]:
+            values = stage_module(inputs)
+            return {name: values[name].detach().to("cpu", copy=True) for name in outputs}
+
+        return BoundCall(stmt="stage_module(named_inputs)",
+                         globals={"stage_module": stage_module, "named_inputs": inputs}, fetch=fetch)
+
+    return Built(bind=bind, notes=("not a file: serve it with compile_stage(collection, stage, outputs=..., "
+                                   "compile=True) in a process that holds the collection",))
+
+
 def _program(context: BuildContext) -> Built:
     from torchbricks_fx.export import export_program
 
@@ -254,6 +277,8 @@ _KINDS = (
                   "weights, int8 activations calibrated on the validation batches", _int8_static),
     CandidateKind("onnxruntime-fp16", "float16", "onnx", "onnxruntime float16 conversion (float32 inputs and "
                   "outputs), CUDA only", _float16),
+    CandidateKind("compiled", "float32", "torch", "compile_stage(..., compile=True): torch.compile (Inductor) with "
+                  "frozen weights; not a file", _compiled),
     CandidateKind("pt2", "float32", "pt2", "export_program, torch.export.load(...).module()", _program),
 )
 CANDIDATES: dict[str, CandidateKind] = {kind.name: kind for kind in _KINDS}
