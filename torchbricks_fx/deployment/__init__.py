@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from torchbricks_fx.deployment.steps import Deployment, Gates, to_device, verifi
 from torchbricks_fx.deployment.timing import batch_inputs
 from torchbricks_fx.deployment.writer import write_bundle
 from torchbricks_fx.errors import BrickDeployError, BrickDeployInputError
-from torchbricks_fx.export.target import make_target
+from torchbricks_fx.export.target import Target, make_target
 from torchbricks_fx.files import check_destination
 from torchbricks_fx.runtime import batch_size_of, check_batch_size, preserved_state
 from torchbricks_fx.stage import Stage, parse_stage
@@ -111,61 +112,89 @@ def deploy(collection: BrickCollection, folder: str | os.PathLike[str], named_in
     ``BrickDeployError`` when no candidate is accepted (its ``report`` holds every result) or the folder
     exists.  Nothing is written unless a candidate was chosen.
     """
-    stage = parse_stage(stage)
-    dev = parse_device(device)
-    names = parse_candidates(candidates)
-    folder = Path(folder)
-    check_destination(folder, overwrite, BrickDeployError, is_folder=True)  # before minutes of work
-    target = make_target(collection, stage, outputs)
-    sizes = list(dict.fromkeys(batch_sizes or [batch_size_of(named_inputs, target.input_names) or 1]))
-    _check_numbers(threads, min_run_time, sizes)
-    batches = _batches(validation)
-    gate = None
-    if max_metric_drop is not None:
-        chosen_stage = metric_stage_of(collection, None if metric_stage is None else parse_stage(metric_stage))
-        gate = MetricGate(collection, chosen_stage, stage, target.input_names, target.output_names)
-        gate.check_batches(batches)
-    report = progress or (lambda _: None)
+    request = _request(collection, folder, named_inputs, stage=stage, outputs=outputs, validation=validation,
+                       max_metric_drop=max_metric_drop, metric_stage=metric_stage, candidates=candidates, device=device,
+                       batch_sizes=batch_sizes, threads=threads, min_run_time=min_run_time, overwrite=overwrite)
     work = work_folder()
     try:
         with _threads(threads), preserved_state(collection):
-            return _run(collection, target, folder, named_inputs, names, gate, max_metric_drop, batches, dev, sizes,
-                        threads, min_run_time, overwrite, work, report)
+            return _run(collection, request, named_inputs, work, progress or (lambda _: None))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(collection: BrickCollection, target: Any, folder: Path, named_inputs: Mapping[str, torch.Tensor],
-         names: Sequence[str], gate: MetricGate | None, max_metric_drop: MetricBudget,
-         batches: list[Mapping[str, Any]], device: torch.device, sizes: list[int], threads: int, min_run_time: float,
-         overwrite: bool, work: Path, progress: Callable[[str], None]) -> DeployReport:
+@dataclass(frozen=True)
+class _Request:
+    """``deploy``'s arguments, checked before any work."""
+
+    folder: Path
+    target: Target
+    candidates: tuple[str, ...]
+    gate: MetricGate | None
+    max_metric_drop: MetricBudget
+    batches: list[Mapping[str, Any]]
+    device: torch.device
+    batch_sizes: tuple[int, ...]
+    threads: int
+    min_run_time: float
+    overwrite: bool
+
+
+def _request(collection: BrickCollection, folder: str | os.PathLike[str], named_inputs: Mapping[str, torch.Tensor], *,
+             stage: Stage | str, outputs: Sequence[str] | None, validation: Iterable[Mapping[str, Any]] | None,
+             max_metric_drop: MetricBudget, metric_stage: Stage | str | None, candidates: Sequence[str] | str | None,
+             device: str | torch.device, batch_sizes: Sequence[int] | None, threads: int, min_run_time: float,
+             overwrite: bool) -> _Request:
+    stage = parse_stage(stage)
+    dev = parse_device(device)
+    names = parse_candidates(candidates)
+    path = Path(folder)
+    check_destination(path, overwrite, BrickDeployError, is_folder=True)  # before minutes of work
+    target = make_target(collection, stage, outputs)
+    sizes = tuple(dict.fromkeys(batch_sizes or [batch_size_of(named_inputs, target.input_names) or 1]))
+    _check_numbers(threads, min_run_time, sizes)
+    batches = _batches(validation)
+    gate = None
+    if max_metric_drop is not None:
+        judging = metric_stage_of(collection, None if metric_stage is None else parse_stage(metric_stage))
+        gate = MetricGate(collection, judging, stage, target.input_names, target.output_names)
+        gate.check_batches(batches)
+    return _Request(path, target, names, gate, max_metric_drop, batches, dev, sizes, threads, min_run_time, overwrite)
+
+
+def _run(collection: BrickCollection, request: _Request, named_inputs: Mapping[str, torch.Tensor], work: Path,
+         progress: Callable[[str], None]) -> DeployReport:
+    target, gate, device = request.target, request.gate, request.device
     inputs = to_device(named_inputs, device)
-    calibration = [{n: batch[n] for n in target.input_names} for batch in batches] or None
-    context = BuildContext(collection, target.plan.stage, target.output_names, inputs, device=device, threads=threads,
-                           work=work, calibration=calibration)
+    calibration = [{n: batch[n] for n in target.input_names} for batch in request.batches] or None
+    context = BuildContext(collection, target.plan.stage, target.output_names, inputs, device=device,
+                           threads=request.threads, work=work, calibration=calibration)
     progress("eager: running the verification inputs")
-    runs = verification_runs(target, inputs)
-    gates = Gates(gate, None, gate.directions() if gate else {}, batches, runs)
+    gates = Gates(gate, gate.directions() if gate else {}, request.batches, verification_runs(target, inputs))
     deployment = Deployment(target, context, gates, progress=progress)
     eager = deployment.baseline()
-    budgets = resolve_budgets(max_metric_drop, list(eager.metrics)) if max_metric_drop is not None else None
-    results = [deployment.judge(CANDIDATES[name], budgets) for name in names]
-    timing_inputs = batch_inputs(inputs, sizes, target.input_names, device)
+    budgets = None if request.max_metric_drop is None else resolve_budgets(request.max_metric_drop, list(eager.metrics))
+    results = [deployment.judge(CANDIDATES[name], budgets) for name in request.candidates]
     load = machine_load(progress, warn=True)  # timings on a busy machine say little: the report says so
-    eager, results = deployment.time_all(eager, results, timing_inputs, threads, min_run_time)
-    chosen = deployment.choose(results)
-    report = DeployReport(folder=folder, stage=target.plan.stage, metric_stage=gate.stage if gate else None,
-                          input_names=target.input_names, output_names=target.output_names, chosen=chosen,
-                          eager=eager, candidates=tuple(results), metric_budgets=budgets, batch_sizes=tuple(sizes),
-                          threads=threads, device=str(device), validation_batches=len(batches),
-                          validation_samples=_samples(batches, target.input_names), notes=tuple(deployment.notes),
-                          load_average=load)
-    if chosen is None:
-        accepted = [r.name for r in results if r.accepted]
-        why = (f"Only {accepted} were accepted, which are not files" if accepted else "No candidate was accepted")
+    eager, results = deployment.time_all(eager, results, batch_inputs(inputs, request.batch_sizes, target.input_names,
+                                                                      device), request.threads, request.min_run_time)
+    report = DeployReport(folder=request.folder, stage=target.plan.stage, metric_stage=gate.stage if gate else None,
+                          input_names=target.input_names, output_names=target.output_names,
+                          chosen=deployment.choose(results), eager=eager, candidates=tuple(results),
+                          metric_budgets=budgets, batch_sizes=request.batch_sizes, threads=request.threads,
+                          device=str(device), validation_batches=len(request.batches),
+                          validation_samples=_samples(request.batches, target.input_names),
+                          notes=tuple(deployment.notes), load_average=load)
+    _write(report, deployment, request.overwrite)
+    progress(f"wrote {request.folder} ({report.chosen})")
+    return report
+
+
+def _write(report: DeployReport, deployment: Deployment, overwrite: bool) -> None:
+    if report.chosen is None:
+        accepted = [c.name for c in report.candidates if c.accepted]
+        why = f"Only {accepted} were accepted, which are not files" if accepted else "No candidate was accepted"
         raise BrickDeployError(f"{why}, so nothing was written:\n" + report.to_markdown(), report)
-    kind, built = deployment.artifact(chosen)
+    kind, built = deployment.artifact(report.chosen)
     specs_in, specs_out = deployment.specs()
     write_bundle(report, kind, built.files, built.providers, specs_in, specs_out, overwrite)
-    progress(f"wrote {folder} ({chosen})")
-    return report

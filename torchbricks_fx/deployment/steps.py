@@ -41,11 +41,10 @@ _REDUCED_NEEDS_METRICS = ("reduced precision is accepted only by the metric gate
 
 @dataclass(frozen=True)
 class Gates:
-    """How candidates are judged: the metric gate and its budgets (``None``: tolerance alone), the
-    validation batches, the verification runs ``(inputs, eager outputs)`` for the tolerance gate."""
+    """How candidates are judged: the metric gate (``None``: tolerance alone) and its metrics' directions,
+    the validation batches, the verification runs ``(inputs, eager outputs)`` for the tolerance gate."""
 
     metric_gate: MetricGate | None
-    budgets: Mapping[str, float] | None
     directions: Mapping[str, bool | None]
     batches: Sequence[Mapping[str, Any]]
     runs: Runs
