@@ -149,6 +149,15 @@ def _on_cuda_device(device: torch.device) -> contextlib.AbstractContextManager[A
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def moved_to(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """``module`` on ``device`` (and ``device`` the current CUDA device) for the block, back on its own device
+    afterwards; ``BrickBackendError`` for a module spread over several devices.  For tools that run a
+    collection where the user asked, as ``benchmark`` does (deployment)."""
+    with _on_device(module, _home_device(module), device), _on_cuda_device(device):
+        yield
+
+
 # --------------------------------------------------------------------------------------------- timing
 def time_statement(stmt: str, globals: Mapping[str, Any], *, threads: int, min_run_time: float,
                    label: str = "", description: str = "") -> Any:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchbricks_fx.backends import parse_device
-from torchbricks_fx.benchmarking import machine_load
+from torchbricks_fx.benchmarking import machine_load, moved_to
 from torchbricks_fx.deployment.acceptance import MetricGate, metric_stage_of, resolve_budgets
 from torchbricks_fx.deployment.candidates import CANDIDATES, BuildContext, parse_candidates
 from torchbricks_fx.deployment.report import CandidateResult, DeployReport, Latency
@@ -88,9 +88,10 @@ def deploy(collection: BrickCollection, folder: str | os.PathLike[str], named_in
 
     Candidates (``candidates``, default every one in ``CANDIDATES``): ``onnxruntime`` (float32, every graph
     optimization), ``onnxruntime-int8-dynamic``, ``onnxruntime-int8-static`` (QDQ, calibrated on the
-    validation batches), ``onnxruntime-fp16`` (CUDA only) and ``pt2`` (``torch.export``).  A candidate whose
+    validation batches), ``onnxruntime-fp16`` (CUDA only), ``compiled`` (``compile_stage(..., compile=True)``;
+    not a file, so judged and timed but never written) and ``pt2`` (``torch.export``).  A candidate whose
     package or device is missing is skipped with the reason; one that fails to build or run is recorded
-    as failed; the others go on.
+    as failed; the others go on.  With ``device="cuda"`` the collection is moved there for the run and back.
 
     Acceptance: float32 candidates must reproduce eager within export's tolerance on the verification
     inputs (``named_inputs`` and a random batch one larger).  Every candidate is run over all of
@@ -117,7 +118,7 @@ def deploy(collection: BrickCollection, folder: str | os.PathLike[str], named_in
                        batch_sizes=batch_sizes, threads=threads, min_run_time=min_run_time, overwrite=overwrite)
     work = work_folder()
     try:
-        with _threads(threads), preserved_state(collection):
+        with _threads(threads), preserved_state(collection), moved_to(collection, request.device):
             return _run(collection, request, named_inputs, work, progress or (lambda _: None))
     finally:
         shutil.rmtree(work, ignore_errors=True)
