@@ -278,6 +278,9 @@ def test_batches_without_targets_name_the_metric_brick_and_the_input(tmp_path):
     with pytest.raises(BrickDeployInputError, match="batch 0 has no 'targets', which metric brick 'accuracy' reads"):
         deploy(BrickCollection(tiny_bricks()), tmp_path / "bundle", EXAMPLE, validation=batches)
     assert not (tmp_path / "bundle").exists()
+    with pytest.raises(BrickDeployInputError, match=r"batch 0 has no 'x', an input of the deployed stage"):
+        deploy(BrickCollection(tiny_bricks()), tmp_path / "bundle", EXAMPLE,
+               validation=[{"targets": batch["targets"]} for batch in tiny_batches()])
     with pytest.raises(BrickDeployInputError, match="validation set is empty"):
         deploy(BrickCollection(tiny_bricks()), tmp_path / "bundle", EXAMPLE)
 

@@ -135,6 +135,10 @@ class MetricGate:
             if not isinstance(batch, Mapping):
                 raise BrickDeployInputError(f"Validation batch {index} is a {type(batch).__name__}; batches are "
                                             f"dicts {{input name: tensor}} including the targets.")
+            missing = [name for name in self.inputs if name not in batch]
+            if missing:
+                raise BrickDeployInputError(f"Validation batch {index} has no {missing[0]!r}, an input of the deployed "
+                                            f"stage (which needs {list(self.inputs)}; the batch has {sorted(batch)}).")
             for value, readers in self.batch_values.items():
                 if value not in batch:
                     raise BrickDeployInputError(

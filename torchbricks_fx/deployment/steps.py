@@ -24,6 +24,7 @@ from torchbricks_fx.deployment.report import ACCEPTED, BASELINE, FAILED, REJECTE
 from torchbricks_fx.deployment.timing import time_candidate
 from torchbricks_fx.errors import error_summary
 from torchbricks_fx.export.target import Target, dynamic_axes, eager_outputs, eager_values, example_args, second_args
+from torchbricks_fx.numerics import OutputError
 from torchbricks_fx.plan import FrozenMap
 from torchbricks_fx.runners import BoundCall
 
@@ -124,17 +125,10 @@ class Deployment:
         """Builds ``kind`` and runs both gates; a candidate that cannot be built or run is ``failed``, one whose
         package or device is missing ``skipped``."""
         base = CandidateResult(kind.name, FAILED, kind.precision, kind.format)
-        self.progress(f"{kind.name}: building")
-        start = time.perf_counter()
-        try:
-            built = kind.build(self.context)
-        except Skip as skip:
-            self.progress(f"{kind.name}: skipped ({skip})")
-            return dataclasses.replace(base, status=SKIPPED, reasons=(str(skip),))
-        except Exception as error:
-            self.progress(f"{kind.name}: failed ({error_summary(error, 300)})")
-            return dataclasses.replace(base, reasons=(f"could not be built: {error_summary(error)}",))
-        seconds = time.perf_counter() - start
+        outcome = self._build(kind)
+        if isinstance(outcome, CandidateResult):
+            return outcome
+        built, seconds = outcome
         base = dataclasses.replace(base, notes=built.notes, build_seconds=seconds,
                                    file_size_bytes=sum(p.stat().st_size for p in built.files) if built.files else None)
         try:
@@ -144,17 +138,38 @@ class Deployment:
             self.progress(f"{kind.name}: failed to run ({error_summary(error, 300)})")
             return dataclasses.replace(base, reasons=(f"could not be run: {error_summary(error)}",))
         self.built[kind.name] = built
+        result = self._verdict(base, errors, metrics, budgets)
+        self.progress(f"{kind.name}: {result.status}" + (f" ({result.reason})" if result.reasons else ""))
+        return result
+
+    def _build(self, kind: CandidateKind) -> tuple[Built, float] | CandidateResult:
+        """The built candidate and the seconds it took, or its result when it is skipped or cannot be built."""
+        self.progress(f"{kind.name}: building")
+        start = time.perf_counter()
+        try:
+            built = kind.build(self.context)
+        except Skip as skip:
+            self.progress(f"{kind.name}: skipped ({skip})")
+            return CandidateResult(kind.name, SKIPPED, kind.precision, kind.format, reasons=(str(skip),))
+        except Exception as error:
+            self.progress(f"{kind.name}: failed ({error_summary(error, 300)})")
+            return CandidateResult(kind.name, FAILED, kind.precision, kind.format,
+                                   reasons=(f"could not be built: {error_summary(error)}",))
+        return built, time.perf_counter() - start
+
+    def _verdict(self, base: CandidateResult, errors: tuple[OutputError, ...], metrics: dict[str, float],
+                 budgets: Mapping[str, float] | None) -> CandidateResult:
+        """Accepted or rejected, with every reason: tolerance for float32, the metric budgets for all, and
+        reduced precision refused when there are no budgets (a tolerance check cannot accept it)."""
         drops = metric_drops(self.eager_metrics, metrics, self.gates.directions) if budgets is not None else {}
-        float32 = kind.precision == "float32"
+        float32 = base.precision == "float32"
         reasons = tolerance_reasons(errors) if float32 else []
         reasons += metric_reasons(drops, budgets) if budgets is not None else []
         if budgets is None and not float32:
             reasons.append(_REDUCED_NEEDS_METRICS)
-        result = dataclasses.replace(base, status=REJECTED if reasons else ACCEPTED, reasons=tuple(reasons),
-                                     metrics=FrozenMap(metrics), metric_drops=FrozenMap(drops), output_errors=errors,
-                                     tolerance_ok=all(e.ok for e in errors) if float32 else None)
-        self.progress(f"{kind.name}: {result.status}" + (f" ({result.reason})" if reasons else ""))
-        return result
+        return dataclasses.replace(base, status=REJECTED if reasons else ACCEPTED, reasons=tuple(reasons),
+                                   metrics=FrozenMap(metrics), metric_drops=FrozenMap(drops), output_errors=errors,
+                                   tolerance_ok=all(e.ok for e in errors) if float32 else None)
 
     # ------------------------------------------------------------------ timing
     def timed(self, result: CandidateResult, bind: Callable[[Mapping[str, torch.Tensor]], BoundCall] | None,
