@@ -21,6 +21,7 @@ What each statement includes (the "hot path" of a user calling the backend):
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchbricks_fx.backends import BACKENDS
+from torchbricks_fx.compiling import CompileOptions
 from torchbricks_fx.errors import BrickBackendError
 from torchbricks_fx.ort import numpy_feeds, ort_session, require_cuda_provider
 from torchbricks_fx.stage import Stage
@@ -118,14 +120,13 @@ def _fx_runner(collection: BrickCollection, stage: Stage, outputs: Sequence[str]
     return _module_runner("fx", stage_module, seconds, outputs)
 
 
-def _compile_runner(collection: BrickCollection, stage: Stage, outputs: Sequence[str], mode: str | None = None,
-                    name: str = "compile") -> Runner:
-    from torchbricks_fx.compiling import CompileOptions
+def _compile_runner(collection: BrickCollection, stage: Stage, outputs: Sequence[str],
+                    options: CompileOptions | None, name: str = "compile") -> Runner:
     from torchbricks_fx.fx import compile_stage
 
     # Compilation is lazy: it happens on the first calls (benchmarking's warm-up), one graph per batch range.
-    options = CompileOptions(mode=mode)
-    stage_module, seconds = _timed(lambda: compile_stage(collection, stage, outputs=outputs, compile=options))
+    chosen = options or CompileOptions()
+    stage_module, seconds = _timed(lambda: compile_stage(collection, stage, outputs=outputs, compile=chosen))
     return _module_runner(name, stage_module, seconds, outputs)
 
 
@@ -202,7 +203,8 @@ def _bind_cuda(session: Any, device: torch.device, inputs: Mapping[str, Any], ou
 
 # ----------------------------------------------------------------------------------------------- factory
 def make_runner(name: str, collection: BrickCollection, stage: Stage, outputs: Sequence[str], *,
-                named_inputs: Mapping[str, Any], device: torch.device, threads: int) -> Runner:
+                named_inputs: Mapping[str, Any], device: torch.device, threads: int,
+                compile_options: CompileOptions | None = None) -> Runner:
     """Prepares backend ``name`` for ``stage`` (the collection already on ``device``).  Raises whatever the
     preparation raises; the caller reports it as a failed backend."""
     if name == "eager":
@@ -210,9 +212,10 @@ def make_runner(name: str, collection: BrickCollection, stage: Stage, outputs: S
     if name == "fx":
         return _fx_runner(collection, stage, outputs)
     if name == "compile":
-        return _compile_runner(collection, stage, outputs)
+        return _compile_runner(collection, stage, outputs, compile_options)
     if name == "cudagraphs":
-        return _compile_runner(collection, stage, outputs, mode="reduce-overhead", name="cudagraphs")
+        options = dataclasses.replace(compile_options or CompileOptions(), mode="reduce-overhead")
+        return _compile_runner(collection, stage, outputs, options, name="cudagraphs")
     if name == "onnxruntime":
         return _onnxruntime_runner(collection, stage, outputs, named_inputs, device, threads)
     raise BrickBackendError(f"Unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}.")
