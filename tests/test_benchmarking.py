@@ -27,6 +27,7 @@ from torchbricks_fx import (
 )
 from torchbricks_fx import runners as backends_module
 from torchbricks_fx.benchmarking import resize_batch
+from torchbricks_fx.compiling import CompileOptions
 from torchbricks_fx.numerics import compare_outputs
 from torchbricks_fx.ort import ort_providers, require_cuda_provider
 from torchbricks_fx.reporting import JSON_SCHEMA, plot, profile_to_markdown, results_from_json, to_json, to_markdown
@@ -270,7 +271,8 @@ def test_compile_backend_reports_dynamos_recompile_limit_instead_of_timing_eager
     # One stage module recompiled for a second batch size passes a limit of 1: reported, not timed as eager.
     # (The batch axis is dynamic from the first call, so batch 3 reuses batch 2's graph; batch 1 cannot.)
     with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
-        first, second = benchmark(collection, inputs, backends=["compile"], batch_sizes=[2, 1], min_run_time=FAST)
+        first, second = benchmark(collection, inputs, backends=["compile"], batch_sizes=[2, 1], min_run_time=FAST,
+                                  compile_options=CompileOptions(freeze=False))  # compiled, not measured
     assert not first.failed
     assert second.failed and "recompile_limit" in second.reason
 

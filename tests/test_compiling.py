@@ -34,6 +34,9 @@ def train_inputs(batch_size: int = 4) -> dict[str, torch.Tensor]:
             "masks": torch.randint(0, 2, (batch_size, 16, 16))}
 
 
+FROZEN = CompileOptions(freeze=True)
+
+
 def images(batch_size: int) -> dict[str, torch.Tensor]:
     return {"raw": torch.rand(batch_size, 3, 16, 16)}
 
@@ -61,7 +64,7 @@ def train_step(collection: BrickCollection, inputs: dict[str, torch.Tensor]) -> 
 # ------------------------------------------------------------------------------------------- staleness
 @pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "load_bricks", "to"])
 def test_a_frozen_eval_stage_never_serves_stale_weights(collection, tmp_path, change):
-    inference = compile_stage(collection, Stage.INFERENCE, compile=True)
+    inference = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)
     assert_like_eager(inference, collection, images(2))
     first_compiles = inference.compiled.compiles
     if change == "optimizer_step":
@@ -81,7 +84,7 @@ def test_a_frozen_eval_stage_never_serves_stale_weights(collection, tmp_path, ch
 
 
 def test_a_train_stage_between_eval_calls_refreezes_once(collection):
-    inference = compile_stage(collection, Stage.INFERENCE, compile=True)
+    inference = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)
     train = compile_stage(collection, Stage.TRAIN, compile=True)
     assert_like_eager(inference, collection, images(3))
     compiles = inference.compiled.compiles
@@ -97,7 +100,8 @@ def test_a_train_stage_between_eval_calls_refreezes_once(collection):
 
 # ------------------------------------------------------------------------------------------- recompiles
 def test_no_recompiles_across_batch_sizes_after_warm_up(collection):
-    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(fail_on_recompile=True))
+    inference = compile_stage(collection, Stage.INFERENCE,
+                              compile=CompileOptions(freeze=True, fail_on_recompile=True))
     inference.warm_up(images(4), batch_sizes=[1, 2, 16])
     compiles = inference.compiled.compiles
     assert 1 <= compiles <= 3
@@ -108,19 +112,31 @@ def test_no_recompiles_across_batch_sizes_after_warm_up(collection):
         inference({"raw": torch.rand(2, 3, 16, 16, dtype=torch.float64)})
 
 
-def test_the_batch_axis_is_dynamic_from_the_first_call(collection):
-    inference = compile_stage(collection, Stage.INFERENCE, compile=True)
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "not-frozen"])
+def test_the_batch_axis_is_dynamic_from_the_first_call(collection, freeze):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(freeze=freeze))
     for batch_size in (2, 3, 5, 9):
         inference(images(batch_size))
     assert inference.compiled.compiles == 1
 
 
 def test_refreezing_warms_up_the_same_batch_sizes_again(collection):
-    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(fail_on_recompile=True))
+    inference = compile_stage(collection, Stage.INFERENCE,
+                              compile=CompileOptions(freeze=True, fail_on_recompile=True))
     inference.warm_up(images(4), batch_sizes=[1, 2])
     train_step(collection, train_inputs())
     for batch_size in (2, 1, 4):  # no error: the refreeze compiled both ranges again
         assert_like_eager(inference, collection, images(batch_size))
+
+
+def test_an_eval_stage_measures_how_to_run_and_keeps_the_fastest(collection):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=True)
+    assert inference.compiled.choice is None
+    assert_like_eager(inference, collection, images(2))
+    timings = inference.compiled.timings
+    assert set(timings) == {"compiled-frozen", "compiled", "eager"} and all(t > 0 for t in timings.values())
+    assert inference.compiled.choice == min(timings, key=timings.__getitem__)
+    assert_like_eager(inference, collection, images(5))
 
 
 # ------------------------------------------------------------------------------------------- TRAIN
@@ -143,9 +159,10 @@ def test_compiled_train_stage_gradients_equal_eager(collection):
 
 
 # ------------------------------------------------------------------------------------------- options
-@pytest.mark.parametrize("options", [CompileOptions(), CompileOptions(freeze=False),
-                                     CompileOptions(channels_last=True), CompileOptions(dynamic_batch=False)],
-                         ids=["frozen", "not-frozen", "channels-last", "static-batch"])
+@pytest.mark.parametrize("options", [CompileOptions(), FROZEN, CompileOptions(freeze=False),
+                                     CompileOptions(freeze=True, channels_last=True),
+                                     CompileOptions(freeze=False, dynamic_batch=False)],
+                         ids=["measured", "frozen", "not-frozen", "channels-last", "static-batch"])
 def test_every_fast_path_equals_eager(collection, options):
     inference = compile_stage(collection, Stage.INFERENCE, compile=options)
     for batch_size in (1, 4):
@@ -153,7 +170,8 @@ def test_every_fast_path_equals_eager(collection, options):
 
 
 def test_bfloat16_autocast_is_verified_against_float32_at_its_tolerance(collection):
-    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(autocast=torch.bfloat16))
+    inference = compile_stage(collection, Stage.INFERENCE,
+                              compile=CompileOptions(freeze=True, autocast=torch.bfloat16))
     got = inference(images(4))
     assert got["logits"].dtype == torch.float32  # outputs keep the stage's dtypes
     assert_like_eager(inference, collection, images(4), dtype=torch.bfloat16)

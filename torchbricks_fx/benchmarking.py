@@ -34,6 +34,7 @@ from torchbricks_fx.stage import Stage, parse_stage
 
 if TYPE_CHECKING:
     from torchbricks_fx.collection import BrickCollection
+    from torchbricks_fx.compiling import CompileOptions
 
 __all__ = ["BenchmarkResult", "BrickProfile", "benchmark", "profile_bricks", "resize_batch", "time_statement"]
 
@@ -227,8 +228,8 @@ def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping
 
 def _run_backend(name: str, collection: BrickCollection, stage: Stage, outputs: Sequence[str],
                  inputs: Callable[[int], dict[str, Any]], references: Mapping[int, Mapping[str, torch.Tensor]], *,
-                 device: torch.device, threads: int, min_run_time: float,
-                 progress: Progress) -> list[BenchmarkResult]:
+                 device: torch.device, threads: int, min_run_time: float, progress: Progress,
+                 compile_options: CompileOptions | None = None) -> list[BenchmarkResult]:
     """One backend at every batch size; ``inputs(batch_size)`` creates that batch's inputs on ``device``
     (one batch at a time, so no batch's memory counts in another's measurement)."""
     load = machine_load()
@@ -237,7 +238,7 @@ def _run_backend(name: str, collection: BrickCollection, stage: Stage, outputs: 
     progress(f"{name}: preparing")
     try:
         runner = make_runner(name, collection, stage, outputs, named_inputs=inputs(next(iter(references))),
-                             device=device, threads=threads)
+                             device=device, threads=threads, compile_options=compile_options)
     except Exception as error:
         progress(f"{name}: failed ({error_summary(error)})")
         return [dataclasses.replace(base, failed=True, reason=error_summary(error)) for base in bases.values()]
@@ -302,15 +303,16 @@ def _reference_outputs(collection: BrickCollection, stage: Stage, named_inputs: 
 def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, stage: Stage | str = Stage.INFERENCE,
               outputs: Sequence[str] | None = None, backends: str | Sequence[str] = DEFAULT_BACKENDS,
               device: str | torch.device = "cpu", batch_sizes: Sequence[int] | None = None,
-              threads: int | None = None, min_run_time: float = 1.0,
-              progress: Progress | None = None) -> list[BenchmarkResult]:
+              threads: int | None = None, min_run_time: float = 1.0, progress: Progress | None = None,
+              compile_options: CompileOptions | None = None) -> list[BenchmarkResult]:
     """Latency of ``stage`` of ``collection`` per backend and batch size.
 
-    Backends: ``eager`` (the collection), ``fx`` (the StageModule), ``compile`` (``torch.compile`` of the
-    StageModule), ``onnxruntime`` (the verified ONNX export) and, on CUDA, ``cudagraphs``
-    (``torch.compile(mode="reduce-overhead")``).  The batch size is dimension 0 of the stage's first input (as
-    for export's dynamic batch axis); ``batch_sizes`` repeats or slices dimension 0 of every input with that
-    length (default: the example's batch size) and leaves other inputs (a fixed table) as they are.
+    Backends: ``eager`` (the collection), ``fx`` (the StageModule), ``compile`` (the stage compiled for what it
+    is: ``compile_stage(..., compile=compile_options or True)``), ``onnxruntime`` (the verified ONNX export)
+    and, on CUDA, ``cudagraphs`` (the same with ``mode="reduce-overhead"``).  The batch size is dimension 0
+    of the stage's first input (as for export's dynamic batch axis); ``batch_sizes`` repeats or slices
+    dimension 0 of every input with that length (default: the example's batch size) and leaves other inputs
+    (a fixed table) as they are.
     ``threads`` sets torch's (and ORT's intra-op) threads for the run (default: torch's current setting) and
     restores them.  With ``device="cuda"`` the collection is moved to the GPU for the run and moved back
     afterwards (one spread over several devices is refused with ``BrickBackendError``), and ``"cuda:N"`` is
@@ -347,7 +349,8 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
         results: list[BenchmarkResult] = []
         for name in names:
             results += _run_backend(name, collection, stage, plan.outputs, inputs, references, device=dev,
-                                    threads=n_threads, min_run_time=min_run_time, progress=report)
+                                    threads=n_threads, min_run_time=min_run_time, progress=report,
+                                    compile_options=compile_options)
     return _with_speedups(results)
 
 

@@ -218,22 +218,27 @@ class StageModule(nn.Module):
         except KeyError:
             check_inputs(self.plan, named_inputs)
             raise
-        # The stage's modes as in BoundStage.modes(), spelled out: Dynamo resumes after the metric update's
-        # deliberate graph break inside torch.set_grad_enabled, not inside a user-defined context manager.
+        # The stage's modes as in BoundStage.modes(), spelled out with plain calls: cheaper on every call, and
+        # Dynamo resumes after the metric update's deliberate graph break here, which it cannot inside a
+        # user-defined context manager.  The grad mode is switched only when it differs.
         bound = self._bound
         training = bound.training
         if training:
             note_training_call()
         flipped = enter_modes(bound.modules, training)
+        grad_before = torch.is_grad_enabled()
         try:
-            with torch.set_grad_enabled(training):
-                results = self._run_graph(args)
-                if self._outputs_are_graph_outputs:
-                    return dict(zip(self.output_names, results, strict=True))
-                values = dict(zip(self.graph_output_names, results, strict=True))
-                if bound.metric_steps:
-                    values = self._update_metrics(named_inputs, values)
+            if grad_before is not training:
+                torch._C._set_grad_enabled(training)
+            results = self._run_graph(args)
+            if self._outputs_are_graph_outputs:
+                return dict(zip(self.output_names, results, strict=True))
+            values = dict(zip(self.graph_output_names, results, strict=True))
+            if bound.metric_steps:
+                values = self._update_metrics(named_inputs, values)
         finally:
+            if grad_before is not training:
+                torch._C._set_grad_enabled(grad_before)
             exit_modes(flipped, training)
         return {name: values[name] for name in self.output_names}
 
@@ -241,9 +246,7 @@ class StageModule(nn.Module):
         return self._bound.update_metrics(named_inputs, values)  # replaced per instance (see _bind_own_forward)
 
     def _run_graph(self, args: list[Any]) -> Any:
-        if torch.compiler.is_compiling():
-            return self._graph_forward(*args)
-        if not self._arity_checked:
+        if not self._arity_checked and not torch.compiler.is_compiling():
             if self.compile_options is None:
                 results = _ArityCheck(self.graph_module).run(*args)
                 self._arity_checked = True

@@ -79,9 +79,9 @@ class BrickLightningModule(pl.LightningModule):
     every value); keep the losses among them in TRAIN.  Each stage is compiled on first use and rebuilt only
     when its plan or one of its bricks' modules changes.  ``compile=True`` compiles each stage for what it
     is (``compile_stage(..., compile=...)``): TRAIN forward and backward; TEST and predict (INFERENCE) as
-    frozen inference graphs; VALIDATION as an inference graph without freezing, because the weights change
-    between validation epochs and refreezing would recompile every epoch.  A ``CompileOptions`` sets the
-    options of every stage.
+    inference graphs, frozen where that measures faster; VALIDATION as an inference graph without freezing,
+    because the weights change between validation epochs and refreezing would recompile every epoch.  A
+    ``CompileOptions`` sets the options of every stage.
     Checkpoints hold the collection's weights under ``collection.``.
     """
 
@@ -116,7 +116,7 @@ class BrickLightningModule(pl.LightningModule):
 
     def _compile_options(self, stage: Stage) -> CompileOptions | bool:
         if self.use_compile is True:
-            return CompileOptions(freeze=stage is not Stage.VALIDATION)
+            return CompileOptions(freeze=False if stage is Stage.VALIDATION else None)
         return self.use_compile
 
     def named_inputs(self, batch: Any) -> dict[str, Any]:
