@@ -178,13 +178,9 @@ def _bind_cpu(session: Any, inputs: Mapping[str, Any], outputs: Sequence[str]) -
     for name in outputs:
         binding.bind_output(name, "cpu")
 
-    def fetch() -> dict[str, torch.Tensor]:
-        session.run_with_iobinding(binding)
-        arrays = binding.copy_outputs_to_cpu()
-        return {name: torch.from_numpy(array.copy()) for name, array in zip(outputs, arrays, strict=True)}
-
     return BoundCall(stmt="session.run_with_iobinding(binding)",
-                     globals={"session": session, "binding": binding, "feeds": feeds}, fetch=fetch)
+                     globals={"session": session, "binding": binding, "feeds": feeds},
+                     fetch=lambda: _fetch_bound(session, binding, outputs))
 
 
 def _bind_cuda(session: Any, device: torch.device, inputs: Mapping[str, Any], outputs: Sequence[str]) -> BoundCall:
@@ -199,13 +195,16 @@ def _bind_cuda(session: Any, device: torch.device, inputs: Mapping[str, Any], ou
         binding.bind_output(name, "cuda", device.index or 0)
     torch.cuda.synchronize(device)  # the inputs were written on torch's stream, ORT reads on its own
 
-    def fetch() -> dict[str, torch.Tensor]:
-        session.run_with_iobinding(binding)
-        arrays = binding.copy_outputs_to_cpu()
-        return {name: torch.from_numpy(array.copy()) for name, array in zip(outputs, arrays, strict=True)}
-
     return BoundCall(stmt="session.run_with_iobinding(binding)",
-                     globals={"session": session, "binding": binding, "tensors": tensors}, fetch=fetch)
+                     globals={"session": session, "binding": binding, "tensors": tensors},
+                     fetch=lambda: _fetch_bound(session, binding, outputs))
+
+
+def _fetch_bound(session: Any, binding: Any, outputs: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Runs a bound session once more; its outputs as CPU tensors (copies, safe to keep)."""
+    session.run_with_iobinding(binding)
+    arrays = binding.copy_outputs_to_cpu()
+    return {name: torch.from_numpy(array.copy()) for name, array in zip(outputs, arrays, strict=True)}
 
 
 # ----------------------------------------------------------------------------------------------- factory
