@@ -8,8 +8,10 @@ classifier, multi-task model) it times, in one process and on the same inputs an
   and ONNX Runtime on its ``torch.onnx.export(dynamo=True)`` export (static shapes, ``session.run``);
 * the peer: torchbricks 0.4.2 built from equivalent bricks (skipped when not installed);
 * ours: the eager collection, the StageModule (fx), the stage compiled for what it is
-  (``compile_stage(..., compile=True)``) and ONNX Runtime on the verified ``export_onnx`` file (dynamic
-  batch, IO binding), through the same runners as ``torchbricks_fx.benchmark``.
+  (``compile_stage(..., compile=True)``, dynamic batch; and with ``CompileOptions(dynamic_batch=False)``,
+  one graph per batch size, which keeps freezing's prepacked convolutions) and ONNX Runtime on the
+  verified ``export_onnx`` file (dynamic batch, IO binding), through the same runners as
+  ``torchbricks_fx.benchmark``.
 
 Everything runs with 1 thread (torch and ORT intra-op), each implementation warmed up first (compilation
 and export outside the timed region, reported as setup seconds).  The implementations are timed in
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peer import peer_collection, peer_status
 from benchmarks.workloads import WORKLOADS, Workload
 from torchbricks_fx.benchmarking import BenchmarkResult, time_statement
+from torchbricks_fx.compiling import CompileOptions
 from torchbricks_fx.errors import error_summary
 from torchbricks_fx.files import write_text
 from torchbricks_fx.numerics import compare_outputs
@@ -52,6 +55,7 @@ COMMAND = "python benchmarks/suite.py --markdown benchmarks/results/suite.md --j
 HAND, HAND_COMPILE, HAND_ORT = "hand-written nn.Module", "hand-written + torch.compile", "hand-written -> ONNX Runtime"
 PEER = "torchbricks 0.4.2 (peer)"
 OURS_BACKENDS = ("eager", "fx", "compile", "onnxruntime")
+STATIC = "compile, static batch"  # the compile backend with CompileOptions(dynamic_batch=False)
 TARGET_EAGER, TARGET_FX, TARGET_BEST = 2.0, 1.10, 1.0
 TARGET_COMPILE = {"resnet18": 0.6, "multitask": 0.6, "image3": 1.0, "chain50": 1.0}
 
@@ -135,16 +139,21 @@ def _peer(workload: Workload) -> _Impl:
 
 
 # ------------------------------------------------------------------------------------------- ours
-def _ours(workload: Workload, backend: str) -> _Impl:
+def _ours(workload: Workload, backend: str, label: str | None = None) -> _Impl:
     plan = workload.collection.plan(workload.stage, list(workload.outputs))
+    options = CompileOptions(dynamic_batch=False) if label == STATIC else None
     runner = make_runner(backend, workload.collection, workload.stage, plan.outputs,
-                         named_inputs=workload.named_inputs, device=torch.device("cpu"), threads=1)
+                         named_inputs=workload.named_inputs, device=torch.device("cpu"), threads=1,
+                         compile_options=options)
     bound = runner.bind(workload.named_inputs)
     module = bound.globals.get("stage_module")
     compiled = getattr(module, "compiled", None)
-    note = (lambda: f"ran as {compiled.choice}") if compiled is not None else None
-    return _Impl(ours(backend), bound.stmt, dict(bound.globals), bound.fetch, setup_seconds=runner.setup_seconds,
-                 cleanup=[runner.close], compiles=runner.compile_count, note=note)
+    def note() -> str:
+        timings = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in compiled.timings.items())
+        return f"ran as {compiled.choice}" + (f"; measured {timings}" if timings else "")
+    return _Impl(ours(label or backend), bound.stmt, dict(bound.globals), bound.fetch,
+                 setup_seconds=runner.setup_seconds, cleanup=[runner.close], compiles=runner.compile_count,
+                 note=note if compiled is not None else None)
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -161,6 +170,8 @@ def _prepare(workload: Workload, folder: Path, *, compile_: bool, onnx: bool, pe
     for backend in OURS_BACKENDS:
         if (backend != "compile" or compile_) and (backend != "onnxruntime" or onnx):
             makers.append((ours(backend), lambda b=backend: _ours(workload, b)))
+        if backend == "compile" and compile_:
+            makers.append((ours(STATIC), lambda: _ours(workload, "compile", STATIC)))
     impls, failures = [], []
     for name, make in makers:
         log(f"{workload.name}: preparing {name}")
@@ -227,7 +238,7 @@ def run_workload(workload: Workload, *, rounds: int, min_run_time: float, compil
                           tuple(sorted(rows, key=lambda r: order.get(r.backend, len(order)))), notes=notes)
 
 
-_ORDER = (HAND, HAND_COMPILE, HAND_ORT, PEER, *(ours(b) for b in OURS_BACKENDS))
+_ORDER = (HAND, HAND_COMPILE, HAND_ORT, PEER, *(ours(b) for b in ("eager", "fx", "compile", STATIC, "onnxruntime")))
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -265,7 +276,8 @@ def targets(result: WorkloadResult) -> Targets:
     fastest = min(anchors, key=lambda r: r.median_s or 0.0, default=None)
     best = min(mine, key=lambda r: r.median_s or 0.0, default=None)
     best_ratio = best.median_s / fastest.median_s if best and fastest and best.median_s and fastest.median_s else None
-    return Targets(ratio(ours("eager")), ratio(ours("fx")), ratio(ours("compile")),
+    compiled = [r for r in (ratio(ours("compile")), ratio(ours(STATIC))) if r is not None]
+    return Targets(ratio(ours("eager")), ratio(ours("fx")), min(compiled, default=None),
                    TARGET_COMPILE.get(result.name, 1.0), best and best.backend, fastest and fastest.backend,
                    best_ratio)
 
@@ -317,7 +329,7 @@ def _render_targets(results: Sequence[WorkloadResult]) -> list[str]:
              "Anchors are the implementations without torchbricks_fx: the hand-written module, plain torch.compile "
              "of it under no_grad and ONNX Runtime on its export.", "",
              f"| workload | eager / hand (<= {TARGET_EAGER:g}x) | StageModule / hand (<= {TARGET_FX:.2f}x) "
-             f"| compiled stage / hand | best torchbricks_fx / fastest anchor (<= {TARGET_BEST:.1f}x) |",
+             f"| best compiled stage / hand | best torchbricks_fx / fastest anchor (<= {TARGET_BEST:.1f}x) |",
              "|---|---|---|---|---|"]
     for result in results:
         if result.skipped:

@@ -23,7 +23,7 @@ import numpy as np
 
 from torchbricks_fx.errors import BrickDeployError, BrickDeployInputError
 
-__all__ = ["BUNDLE_SCHEMA", "MANIFEST_NAME", "Bundle", "TensorSpec", "file_sha256", "load_bundle", "read_manifest"]
+__all__ = ["Bundle", "TensorSpec", "load_bundle"]
 
 BUNDLE_SCHEMA = "torchbricks_fx.bundle/1"
 MANIFEST_NAME = "manifest.json"

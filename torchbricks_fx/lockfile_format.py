@@ -21,8 +21,8 @@ from torchbricks_fx.errors import BrickLockError, error_summary
 from torchbricks_fx.plan import FrozenMap
 from torchbricks_fx.stage import Stage
 
-__all__ = ["BATCH", "SCHEMA", "BrickLock", "Lock", "OnnxLock", "StageLock", "TensorLock", "ValueLock",
-           "canonical_sha256", "read_lock", "show_shape", "write_lock"]
+__all__ = ["SCHEMA", "BrickLock", "Lock", "OnnxLock", "StageLock", "TensorLock", "ValueLock", "read_lock",
+           "write_lock"]
 
 SCHEMA_PREFIX = "torchbricks_fx.lock/"
 SCHEMA = f"{SCHEMA_PREFIX}1"

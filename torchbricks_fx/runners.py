@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from torchbricks_fx.collection import BrickCollection
     from torchbricks_fx.fx import StageModule
 
-__all__ = ["BoundCall", "Runner", "bind_session", "make_runner"]
+__all__ = ["BoundCall", "Runner", "make_runner"]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from torchbricks_fx.stage import Stage
 if TYPE_CHECKING:
     from torchbricks_fx.collection import BrickCollection
 
-__all__ = ["MetricGate", "metric_drops", "metric_stage_of", "resolve_budgets", "tolerance_errors"]
+__all__: list[str] = []  # internals of deploy(); the public API is torchbricks_fx.deployment
 
 Run = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 

@@ -32,7 +32,7 @@ from torchbricks_fx.stage import Stage
 if TYPE_CHECKING:
     from torchbricks_fx.collection import BrickCollection
 
-__all__ = ["CANDIDATES", "BuildContext", "Built", "CandidateKind", "Skip", "ort_built"]
+__all__ = ["CANDIDATES"]
 
 ONNX_NAME = "model.onnx"
 PROGRAM_NAME = "model.pt2"

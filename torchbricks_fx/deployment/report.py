@@ -12,7 +12,7 @@ from torchbricks_fx.numerics import OutputError
 from torchbricks_fx.plan import FrozenMap
 from torchbricks_fx.stage import Stage
 
-__all__ = ["ACCEPTED", "BASELINE", "FAILED", "REJECTED", "SKIPPED", "CandidateResult", "DeployReport", "Latency"]
+__all__ = ["CandidateResult", "DeployReport", "Latency"]
 
 BASELINE = "baseline"  # eager: what every candidate is measured against
 ACCEPTED = "accepted"  # passed every gate

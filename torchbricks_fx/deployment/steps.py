@@ -31,7 +31,7 @@ from torchbricks_fx.runners import BoundCall
 if TYPE_CHECKING:
     from torchbricks_fx.bundle import TensorSpec
 
-__all__ = ["Deployment", "Gates"]
+__all__: list[str] = []  # internals of deploy(); the public API is torchbricks_fx.deployment
 
 Progress = Callable[[str], None]
 Runs = list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]

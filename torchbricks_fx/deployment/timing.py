@@ -14,7 +14,7 @@ from torchbricks_fx.deployment.report import Latency
 from torchbricks_fx.runners import BoundCall
 from torchbricks_fx.runtime import resize_batch
 
-__all__ = ["batch_inputs", "time_candidate"]
+__all__: list[str] = []  # internals of deploy(); the public API is torchbricks_fx.deployment
 
 
 def batch_inputs(named_inputs: Mapping[str, torch.Tensor], batch_sizes: Sequence[int], input_names: Sequence[str],

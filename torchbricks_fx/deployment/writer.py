@@ -25,7 +25,7 @@ from torchbricks_fx.errors import BrickBackendError, BrickDeployError
 from torchbricks_fx.files import staged_folder
 from torchbricks_fx.reporting import cpu_model, plot
 
-__all__ = ["tensor_specs", "write_bundle"]
+__all__: list[str] = []  # internals of deploy(); the public API is torchbricks_fx.deployment
 
 REPORT_NAME = "report.md"
 PLOT_NAME = "latency.png"
