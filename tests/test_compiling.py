@@ -212,3 +212,12 @@ def test_export_saves_the_optimized_model_beside_the_file(collection, tmp_path):
     inputs = images(3)
     ok, error, _ = compare_tensors(run_session(session, inputs)["logits"], collection(inputs, "inference")["logits"])
     assert ok, error
+
+
+def test_compiling_leaves_the_callers_tensors_unmarked(collection):
+    """Dynamic-batch marks on the caller's tensors would make every later compile that sees them dynamic."""
+    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(freeze=False))
+    inputs = images(3)
+    inference(inputs)
+    assert not hasattr(inputs["raw"], "_dynamo_weak_dynamic_indices")
+    assert not hasattr(inputs["raw"], "_dynamo_dynamic_indices")
