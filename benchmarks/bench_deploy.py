@@ -97,9 +97,9 @@ def to_markdown(digits: tuple[DeployReport, dict[str, float]], resnet: DeployRep
         f"Command: `{COMMAND}`  ",
         f"Machine: {cpu_model()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Python "
         f"{platform.python_version()}, {args.threads} thread(s) for torch and ONNX Runtime, "
-        f"{args.min_run_time:g} s of `blocked_autorange` per measurement, {seconds:.0f} s in all. The machine was "
-        "shared with other jobs while this ran (see the load in each table): the latencies are indicative, the "
-        "metrics are not affected.",
+        f"{args.min_run_time:g} s of `blocked_autorange` per measurement, {seconds:.0f} s in all. Each table states "
+        "the machine's load while it was timed: latencies measured above the number of cores are indicative; "
+        "the metrics do not depend on it.",
         "",
         "### Digits: real data (scikit-learn's handwritten digits, `examples/digits.py`)",
         "",
