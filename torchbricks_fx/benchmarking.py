@@ -106,7 +106,7 @@ def _to_device(named_inputs: Mapping[str, Any], device: torch.device) -> dict[st
 
 # --------------------------------------------------------------------------------------------- state
 @contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[int]:
+def torch_threads(threads: int | None) -> Iterator[int]:
     """Sets torch's intra-op threads for the block (``None``: keep the current setting); restores them."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise BrickBackendError(f"threads must be a positive integer or None, not {threads!r}.")
@@ -336,14 +336,12 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
                                 f"{order[0] if order else None!r} has none.")
     if not (isinstance(min_run_time, (int, float)) and 0 < min_run_time < math.inf):
         raise BrickBackendError(f"min_run_time must be a positive, finite number of seconds, not {min_run_time!r}.")
-    home = _home_device(collection)
     report = progress or (lambda _: None)
 
     def inputs(bs: int) -> dict[str, Any]:
         return _to_device(resize_batch(named_inputs, bs, order), dev)
 
-    with (_torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, home, dev),
-          _on_cuda_device(dev)):
+    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev):
         machine_load(report, warn=True)
         references = {bs: _reference_outputs(collection, stage, inputs(bs), plan.outputs) for bs in sizes}
         results: list[BenchmarkResult] = []
@@ -365,9 +363,7 @@ def profile_bricks(collection: BrickCollection, named_inputs: Mapping[str, Any],
     stage = parse_stage(stage)
     dev = parse_device(device)
     bound = collection.bound_stage(stage, outputs)
-    home = _home_device(collection)
-    with (_torch_threads(threads) as n_threads, preserved_state(collection), _on_device(collection, home, dev),
-          _on_cuda_device(dev)):
+    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev):
         values = bound.run(_to_device(named_inputs, dev))
         timings = []
         with bound.modes():

@@ -9,11 +9,10 @@ folder atomically (``writer.py``).  ``torchbricks_fx.load_bundle`` loads it with
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchbricks_fx.backends import parse_device
-from torchbricks_fx.benchmarking import machine_load, moved_to
+from torchbricks_fx.benchmarking import machine_load, moved_to, torch_threads
 from torchbricks_fx.deployment.acceptance import MetricGate, metric_stage_of, resolve_budgets
 from torchbricks_fx.deployment.candidates import CANDIDATES, BuildContext, parse_candidates
 from torchbricks_fx.deployment.report import CandidateResult, DeployReport, Latency
@@ -40,17 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["CANDIDATES", "CandidateResult", "DeployReport", "Latency", "deploy"]
 
 MetricBudget = float | Mapping[str, float] | None
-
-
-@contextlib.contextmanager
-def _threads(threads: int) -> Iterator[None]:
-    """torch's intra-op threads for the block (onnxruntime sessions get the same number); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _check_numbers(threads: Any, min_run_time: Any, batch_sizes: Sequence[int]) -> None:
@@ -118,7 +106,7 @@ def deploy(collection: BrickCollection, folder: str | os.PathLike[str], named_in
                        batch_sizes=batch_sizes, threads=threads, min_run_time=min_run_time, overwrite=overwrite)
     work = work_folder()
     try:
-        with _threads(threads), preserved_state(collection), moved_to(collection, request.device):
+        with torch_threads(threads), preserved_state(collection), moved_to(collection, request.device):
             return _run(collection, request, named_inputs, work, progress or (lambda _: None))
     finally:
         shutil.rmtree(work, ignore_errors=True)
