@@ -269,10 +269,10 @@ def test_compile_backend_reports_dynamos_recompile_limit_instead_of_timing_eager
     import torch._dynamo.config
 
     # One stage module recompiled for a second batch size passes a limit of 1: reported, not timed as eager.
-    # (The batch axis is dynamic from the first call, so batch 3 reuses batch 2's graph; batch 1 cannot.)
+    # (With a dynamic batch axis, batch 1 would get a graph of its own instead.)
     with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
         first, second = benchmark(collection, inputs, backends=["compile"], batch_sizes=[2, 1], min_run_time=FAST,
-                                  compile_options=CompileOptions(freeze=False))  # compiled, not measured
+                                  compile_options=CompileOptions(freeze=False, dynamic_batch=False))
     assert not first.failed
     assert second.failed and "recompile_limit" in second.reason
 

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo
 from conftest import multitask_bricks
 
-from torchbricks_fx import BrickBackendError, BrickCollection, Stage, compile_stage
+from torchbricks_fx import BrickBackendError, BrickCollection, Stage, compile_stage, compiling
 from torchbricks_fx.compiling import CompileOptions
 from torchbricks_fx.numerics import compare_tensors, difference, tolerance
 
@@ -104,7 +104,8 @@ def test_no_recompiles_across_batch_sizes_after_warm_up(collection):
                               compile=CompileOptions(freeze=True, fail_on_recompile=True))
     inference.warm_up(images(4), batch_sizes=[1, 2, 16])
     compiles = inference.compiled.compiles
-    assert 1 <= compiles <= 3
+    assert inference.compiled.batch_sizes == (1, 2, 16)  # each a graph of its own ...
+    assert 4 <= compiles <= 6  # ... and the dynamic-batch graph for their ranges (1, 2-15, 16+ on CPU)
     for batch_size in (8, 1, 32, 3, 2, 5):
         assert_like_eager(inference, collection, images(batch_size))
     assert inference.compiled.compiles == compiles
@@ -113,11 +114,29 @@ def test_no_recompiles_across_batch_sizes_after_warm_up(collection):
 
 
 @pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "not-frozen"])
-def test_the_batch_axis_is_dynamic_from_the_first_call(collection, freeze):
+def test_the_first_batch_size_is_specialized_and_the_others_share_one_graph(collection, freeze):
     inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(freeze=freeze))
-    for batch_size in (2, 3, 5, 9):
-        inference(images(batch_size))
-    assert inference.compiled.compiles == 1
+    for batch_size in (2, 3, 5, 9, 2):
+        assert_like_eager(inference, collection, images(batch_size))
+    compiled = inference.compiled
+    assert compiled.batch_sizes == (2,)
+    assert compiled.choice == ("compiled-frozen" if freeze else "compiled")
+    assert compiled.dynamic_choice == compiled.choice + ", dynamic batch"
+    assert compiled.compiles == 2  # batch 2; then one graph for 3, 5 and 9
+
+
+def test_a_stage_whose_plain_graph_wins_runs_it_for_every_batch_size(collection, monkeypatch):
+    def plain_fastest(calls):
+        return {name: 1.0 if name.startswith("eager") else 2.0 for name in calls}
+
+    monkeypatch.setattr(compiling, "_seconds_per_call", plain_fastest)
+    inference = compile_stage(collection, Stage.INFERENCE, compile=True)
+    for batch_size in (2, 7):
+        assert_like_eager(inference, collection, images(batch_size))
+    compiled = inference.compiled
+    assert compiled.choice == "eager" and compiled.dynamic_choice == "eager, dynamic batch"
+    assert compiled.timings == {"compiled-frozen": 2.0, "compiled": 2.0, "eager": 1.0}
+    assert compiled.compiles == 2  # the candidates at batch 2; nothing for batch 7
 
 
 def test_refreezing_warms_up_the_same_batch_sizes_again(collection):

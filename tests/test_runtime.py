@@ -188,3 +188,27 @@ def test_graph_problems_are_dataclasses_naming_kind_brick_name_and_stages():
     assert (problem.kind, problem.brick, problem.name) == ("dead_producer", "head", "features")
     assert problem.stages == (Stage.VALIDATION, Stage.TEST, Stage.INFERENCE, Stage.EXPORT)
     assert str(problem) == problem.message and "stages validation, test, inference and export" in problem.message
+
+
+# ------------------------------------------------------------------------------------------- plain graph
+def test_the_plain_graph_honours_hooks_registered_at_any_time(multitask):
+    """The plain graph calls bricks' forward directly only while that is all calling them would do."""
+    stage = compile_stage(multitask, Stage.INFERENCE, outputs=["seg"])
+    inputs = {"raw": torch.rand(2, 3, 16, 16)}
+    expected = stage(inputs)["seg"]
+    backbone = multitask["backbone"].model
+    handle = backbone.register_forward_hook(lambda module, args, output: output * 0)
+    bias = multitask["heads"]["segmenter"].model.conv.bias
+    assert torch.equal(stage(inputs)["seg"], bias.view(1, -1, 1, 1).expand_as(expected))  # zeroed features
+    handle.remove()
+    assert torch.equal(stage(inputs)["seg"], expected)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: seen.append(module))
+    try:
+        stage(inputs)
+    finally:
+        handle.remove()
+    assert backbone in seen
+    calls = []  # what Module.compile() installs
+    backbone._compiled_call_impl = lambda *args: calls.append(args) or backbone.forward(*args)
+    assert torch.equal(stage(inputs)["seg"], expected) and calls

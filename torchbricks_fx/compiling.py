@@ -14,31 +14,48 @@ the plain graph, and keeps the fastest (``CompiledGraph.choice``).  A TRAIN stag
 backward (AOTAutograd), without Inductor's layout optimization (it changes convolution layouts and with
 them the gradients' rounding).
 
-The batch axis is dynamic from the first call; ``fail_on_recompile`` turns any recompile after warm-up
-into an error naming the guard that failed.  ``torch._dynamo`` and ``torch._inductor`` are imported here
-only, when a compiled stage runs.
+Batch sizes: the sizes a stage warms up on (its first call's, or ``StageModule.warm_up``'s) each get a
+graph specialized to that size, the fastest there is (freezing prepacks convolutions for one input shape:
+on ResNet-18 a dynamic-batch frozen graph is slower than an unfrozen one).  Every other batch size runs one
+graph with a dynamic batch axis, measured and compiled once, when first needed (at warm-up with
+``fail_on_recompile``, which then turns any recompile into an error naming the guard that failed).  A
+stage whose plain graph beats the specialized ones runs the plain graph for every batch size.
+
+``torch._dynamo`` and ``torch._inductor`` are imported here only, when a compiled stage runs.  How one
+candidate compiles and runs is in ``compile_variants.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 
+from torchbricks_fx.compile_variants import (
+    Slot,
+    Variant,
+    batch_dynamic,
+    batch_size,
+    failing_recompiles,
+    resized,
+)
 from torchbricks_fx.errors import BrickBackendError
 from torchbricks_fx.numerics import difference, tolerance
-from torchbricks_fx.runtime import resize_batch, training_calls
+from torchbricks_fx.runtime import training_calls
 from torchbricks_fx.stage import Stage
 
 __all__ = ["CompileOptions"]
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
-_SELECTION_SECONDS = 0.1  # timing per candidate when an eval stage picks how to run
+_SELECTION_SECONDS = 0.12  # timing per candidate when an eval stage picks how to run ...
+_SELECTION_ROUNDS = 3  # ... in interleaved rounds
+_MAX_SPECIALIZED_SIZES = 6  # batch sizes with graphs of their own (Dynamo keeps 8 graphs per code object)
 
 
 @dataclass(frozen=True)
@@ -47,9 +64,11 @@ class CompileOptions:
 
     ``freeze`` (eval stages): ``True`` folds the weights into the compiled code as constants (refrozen when
     they change), ``False`` keeps them inputs, ``None`` (default) measures on the first call the frozen,
-    unfrozen and plain graph and keeps the fastest.  ``dynamic_batch``: axis 0 of the inputs is dynamic
-    from the first call.  ``fail_on_recompile``: after warm-up (the first call, or
-    ``StageModule.warm_up``), a call that would recompile raises instead, naming the guard that failed.
+    unfrozen and plain graph and keeps the fastest.  ``dynamic_batch`` (default): the batch sizes of
+    warm-up get graphs specialized to them, and every other batch size shares one graph with a dynamic
+    batch axis (compiled once, when first needed); ``False``: a graph per batch size.
+    ``fail_on_recompile``: after warm-up (the first call, or ``StageModule.warm_up``), a call that would
+    recompile raises instead, naming the guard that failed.
     ``channels_last``: convolution weights (in place, values unchanged) and 4-D inputs in channels-last
     layout.  ``autocast`` (eval stages): ``torch.bfloat16`` or ``torch.float16`` autocast, accepted only
     when the first call's outputs match float32 eager within that dtype's tolerance; outputs keep their
@@ -69,46 +88,12 @@ class CompileOptions:
                                     f"torch.float16 (or None for float32).")
 
 
-class _Variant:
-    """One way to run the graph: compiled (``frozen`` or not) on its own copy of the GraphModule (its own
-    code object, so its own Dynamo cache; the modules are shared), or the plain graph."""
-
-    def __init__(self, name: str, graph_module: torch.fx.GraphModule, compiled: bool, frozen: bool,
-                 mode: str | None) -> None:
-        self.name = name
-        self.frozen = frozen
-        self.graph_module = torch.fx.GraphModule(graph_module, graph_module.graph) if compiled else graph_module
-        self.graph_module.training = graph_module.training
-        self.run: Callable[..., Any] = torch.compile(self.graph_module, fullgraph=True, mode=mode) if compiled \
-            else graph_module.forward
-        self.compiled = compiled
-
-    def forget(self) -> None:
-        """Drops the compiled code (the frozen weights with it); the next call compiles again."""
-        if self.compiled:
-            import torch._dynamo
-
-            torch._dynamo.reset_code(type(self.graph_module).forward.__code__)
-
-    def before_compiling(self) -> None:
-        """A frozen variant's weights marked as Dynamo marks them for a first frozen compile ("guarded" static
-        addresses).  An unfrozen compile of the same modules (another candidate, or the user's own
-        ``torch.compile``) leaves them "unguarded", and a frozen compile on top of that keeps them graph
-        inputs: measured 1.6x slower than freezing on ResNet-18."""
-        if self.frozen:
-            import torch._dynamo
-
-            for module in self.graph_module.modules():
-                for tensor in (*module._parameters.values(), *module._buffers.values()):
-                    if tensor is not None:
-                        torch._dynamo.mark_static_address(tensor, guard=True)
-
-
 class CompiledGraph:
     """A stage's GraphModule, compiled for the stage (see the module docstring).  Called like the
     GraphModule: positional tensors in, a tuple of outputs out."""
 
-    def __init__(self, graph_module: torch.fx.GraphModule, stage: Stage, options: CompileOptions) -> None:
+    def __init__(self, graph_module: torch.fx.GraphModule, stage: Stage, options: CompileOptions, *,
+                 plain: Callable[..., Any] | None = None, on_plain: Callable[[], None] | None = None) -> None:
         import torch._dynamo.utils
         import torch._inductor.config
 
@@ -124,57 +109,112 @@ class CompiledGraph:
                                     "torch.autocast around your training step for mixed-precision training).")
         if options.channels_last:
             graph_module.to(memory_format=torch.channels_last)  # the shared modules' 4-D weights, in place
-        self._candidates = self._make_candidates()
-        self._variant: _Variant | None = self._candidates[0] if len(self._candidates) == 1 else None
-        if self._variant is not None:
-            self._variant.before_compiling()
+        self._plain = plain or graph_module.forward  # how the owner runs the plain graph
+        self._on_plain = on_plain
+        self._static = Slot(self._make_candidates(dynamic=False))
+        self._dynamic = Slot(self._make_candidates(dynamic=True)) if options.dynamic_batch else None
+        self._static_sizes: set[int | None] = set()
         self._slots = [(d, name) for m in graph_module.modules() for d in (m._parameters, m._buffers) for name in d]
         self._weights_state: tuple[Any, ...] | None = None
         self._warm = False
-        self._warming = False
-        self._warm_batch_sizes: tuple[int, ...] = ()
+        self._warming = False  # inside warming_up: compiles allowed
+        self._warming_dynamic = False  # ... and the dynamic-batch graph compiled too
         self._verified = options.autocast is None
         self.compiles = 0
         self.compile_seconds = 0.0
-        self.timings: dict[str, float] = {}  # candidate -> seconds per call, when the stage measured them
 
-    def _make_candidates(self) -> list[_Variant]:
+    def _make_candidates(self, dynamic: bool) -> list[Variant]:
         freeze, mode, gm = self.options.freeze, self.options.mode, self.graph_module
+        suffix = ", dynamic batch" if dynamic else ""
+
+        def variant(name: str, compiled: bool, frozen: bool) -> Variant:
+            return Variant(name + suffix, gm, compiled=compiled, frozen=frozen, dynamic=dynamic, mode=mode,
+                            plain=self._plain)
+
         if self.training:
-            return [_Variant("compiled", gm, compiled=True, frozen=False, mode=mode)]
+            return [variant("compiled", compiled=True, frozen=False)]
         candidates = []
         if freeze is not False:
-            candidates.append(_Variant("compiled-frozen", gm, compiled=True, frozen=True, mode=mode))
+            candidates.append(variant("compiled-frozen", compiled=True, frozen=True))
         if freeze is not True:
-            candidates.append(_Variant("compiled", gm, compiled=True, frozen=False, mode=mode))
+            candidates.append(variant("compiled", compiled=True, frozen=False))
         if freeze is None:
-            candidates.append(_Variant("eager", gm, compiled=False, frozen=False, mode=mode))
+            candidates.append(variant("eager", compiled=False, frozen=False))
         return candidates
 
+    # ------------------------------------------------------------------ what it measured and chose
     @property
     def choice(self) -> str | None:
-        """How the stage runs: ``"compiled-frozen"``, ``"compiled"`` or ``"eager"`` (``None`` before the
-        first call of a stage that measures)."""
-        return None if self._variant is None else self._variant.name
+        """How the stage runs at the batch sizes it warmed up on: ``"compiled-frozen"``, ``"compiled"`` or
+        ``"eager"`` (the plain graph, then for every batch size); ``None`` before the first call."""
+        return None if self._static.variant is None else self._static.variant.name
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per call of each candidate the stage measured at its first batch size."""
+        return dict(self._static.timings)
+
+    @property
+    def dynamic_choice(self) -> str | None:
+        """How the stage runs other batch sizes (``None`` until one came, or without ``dynamic_batch``)."""
+        variant = self._dynamic.variant if self._dynamic is not None else None
+        return None if variant is None else variant.name
+
+    @property
+    def dynamic_timings(self) -> dict[str, float]:
+        return dict(self._dynamic.timings) if self._dynamic is not None else {}
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes with graphs of their own."""
+        return tuple(sorted(size for size in self._static_sizes if size is not None))
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
-        variant = self._variant or self._choose(args)
+        slot = self._slot_for(args)
+        variant = slot.variant or self._choose(slot, args)
         if not variant.compiled and self._verified:
             return variant.run(*args)  # the plain graph was faster: nothing in its way
         if variant.frozen:
             self._ensure_fresh(args)
         results = self._run(variant, args)
+        if self._dynamic is not None and slot is self._static and self._compiles_both():
+            self._warm_dynamic(args)
         if not self._verified:
             results = self._verify_autocast(args, results)
         self._warm = self._warm or not self._warming
         return _as_float32(results) if self.options.autocast is not None else results
 
-    def _run(self, variant: _Variant, args: Sequence[Any]) -> Any:
+    def _slot_for(self, args: Sequence[Any]) -> Slot:
+        size = batch_size(args)
+        if size in self._static_sizes:
+            return self._static
+        if self._dynamic is None or ((self._warming or not self._warm) and
+                                     len(self._static_sizes) < _MAX_SPECIALIZED_SIZES):
+            self._static_sizes.add(size)  # a size the stage warms up on (or any, without dynamic_batch)
+            return self._static
+        return self._dynamic
+
+    def _compiles_both(self) -> bool:
+        """Warm-up compiles the dynamic-batch graph too when the user asks for it or recompiles must fail."""
+        return (self._warming and self._warming_dynamic) or (not self._warm and self.options.fail_on_recompile)
+
+    def _warm_dynamic(self, args: Sequence[Any]) -> None:
+        dynamic = self._dynamic
+        if dynamic is None or self.choice == "eager":
+            return
+        variant = dynamic.variant or self._choose(dynamic, args)
+        if variant.compiled:
+            if variant.frozen:
+                self._ensure_fresh(args)
+            self._run(variant, args)
+
+    def _run(self, variant: Variant, args: Sequence[Any]) -> Any:
         """One call of ``variant`` with the compiler settings it was (or will be) compiled with.  On every
         call of a compiled stage: kept to plain assignments (a generator context manager costs ~10 us)."""
-        if self.options.dynamic_batch and not self._warm and variant.compiled:
-            args = _batch_dynamic(args)
+        marked = variant.needs_marks
+        if marked:
+            args = batch_dynamic(args)
         if self.options.channels_last:
             args = tuple(a.contiguous(memory_format=torch.channels_last) if _is_4d(a) else a for a in args)
         inductor, stats = self._inductor, self._dynamo_stats
@@ -196,28 +236,37 @@ class CompiledGraph:
         if compiled:
             self.compiles += compiled
             self.compile_seconds += time.perf_counter() - start
+        if marked:
+            variant.needs_marks = False
         return results
 
-    def _choose(self, args: Sequence[Any]) -> _Variant:
-        """Runs every candidate on ``args`` (compiling them), times each, keeps the fastest."""
-        from torch.utils.benchmark import Timer
-
-        for candidate in self._candidates:
+    def _choose(self, slot: Slot, args: Sequence[Any]) -> Variant:
+        """Runs every candidate of ``slot`` on ``args`` (compiling them), times each, keeps the fastest.  When
+        the plain graph beats the graphs specialized to a batch size, it runs every batch size."""
+        for candidate in slot.candidates:
             candidate.before_compiling()
             self._run(candidate, args)  # compiles (and freezes)
-            # Timed as each will be called: the plain graph directly, compiled code with its settings around.
-            stmt = "run(variant, args)" if candidate.compiled else "variant.run(*args)"
-            timer = Timer(stmt, globals={"run": self._run, "variant": candidate, "args": args},
-                          num_threads=torch.get_num_threads())
-            self.timings[candidate.name] = float(timer.blocked_autorange(min_run_time=_SELECTION_SECONDS).median)
-        chosen = min(self._candidates, key=lambda c: self.timings[c.name])
-        for candidate in self._candidates:
+        # Timed as each will be called: the plain graph directly, compiled code with its settings around.
+        calls = {c.name: functools.partial(self._run, c, args) if c.compiled else functools.partial(c.run, *args)
+                 for c in slot.candidates}
+        slot.timings = _seconds_per_call(calls)
+        chosen = min(slot.candidates, key=lambda c: slot.timings[c.name])
+        for candidate in slot.candidates:
             if candidate is not chosen:
                 candidate.forget()
+        slot.variant = chosen
         if chosen.frozen:
             self._weights_state = self._state()
-        self._variant = chosen
+        if slot is self._static and not chosen.compiled:
+            self._run_plain_everywhere()
         return chosen
+
+    def _run_plain_everywhere(self) -> None:
+        dynamic = self._dynamic
+        if dynamic is not None:
+            dynamic.variant = next(c for c in dynamic.candidates if not c.compiled)
+        if self._verified and self._on_plain is not None:
+            self._on_plain()  # the owner may call the plain graph directly from now on
 
     # ------------------------------------------------------------------ freshness of frozen weights
     def _state(self) -> tuple[Any, ...]:
@@ -233,42 +282,44 @@ class CompiledGraph:
             self._weights_state = state
 
     def _rewarm(self, args: Sequence[Any]) -> None:
-        """After refreezing, compiles again for the batch sizes of the last warm-up (so that
+        """After refreezing, compiles again for the batch sizes the stage warmed up on (so that
         ``fail_on_recompile`` keeps holding for them)."""
-        with self.warming_up(self._warm_batch_sizes):
-            for size in self._warm_batch_sizes:
-                self(*_resized(args, size))
+        with self.warming_up(dynamic=self.options.fail_on_recompile):
+            for size in self.batch_sizes or (None,):
+                self(*(args if size is None else resized(args, size)))
 
     def refresh(self) -> None:
         """Forgets frozen weights: the next call compiles (and freezes) again.  Called automatically when the
         weights change; call it after changes nothing can see (writes through ``param.data``)."""
-        if self._variant is not None and self._variant.frozen:
-            self._variant.forget()
-            self._variant.before_compiling()
+        frozen = [v for slot in (self._static, self._dynamic) if slot is not None for v in slot.frozen()]
+        for variant in frozen:
+            variant.forget()
+            variant.before_compiling()
+        if frozen:
             self._weights_state = None
             self._warm = False
 
     @contextlib.contextmanager
-    def warming_up(self, batch_sizes: Sequence[int] = ()) -> Iterator[None]:
-        """Calls inside may compile, also with ``fail_on_recompile``; the stage is warm afterwards (and warms
-        up on ``batch_sizes`` again whenever it refreezes)."""
+    def warming_up(self, dynamic: bool = True) -> Iterator[None]:
+        """Calls inside may compile, also with ``fail_on_recompile``: each batch size gets a graph of its own
+        (and, with ``dynamic``, the dynamic-batch graph is compiled for it too).  The stage is warm
+        afterwards."""
         if self._warming:  # nested (a refreeze inside a warm-up): the outer one decides
             yield
             return
-        self._warming = True
+        self._warming, self._warming_dynamic = True, dynamic
         try:
             yield
         finally:
             self._warming = False
             self._warm = True
-        self._warm_batch_sizes = tuple(batch_sizes)
 
     # ------------------------------------------------------------------ contexts around a call
     def _strict(self) -> bool:
         return self.options.fail_on_recompile and self._warm and not self._warming
 
     def _stance(self) -> contextlib.AbstractContextManager[Any]:
-        return _failing_recompiles(self.stage) if self._strict() else contextlib.nullcontext()
+        return failing_recompiles(self.stage) if self._strict() else contextlib.nullcontext()
 
     def _autocast(self, args: Sequence[Any]) -> contextlib.AbstractContextManager[Any]:
         if self.options.autocast is None:
@@ -296,47 +347,22 @@ class CompiledGraph:
         return results
 
 
+def _seconds_per_call(calls: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+    """Median seconds per call of each, best of interleaved rounds (drift on a shared machine hits all)."""
+    from torch.utils.benchmark import Timer
+
+    best: dict[str, float] = {}
+    for _ in range(_SELECTION_ROUNDS):
+        for name, call in calls.items():
+            timer = Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+            seconds = float(timer.blocked_autorange(min_run_time=_SELECTION_SECONDS / _SELECTION_ROUNDS).median)
+            best[name] = min(best.get(name, seconds), seconds)
+    return best
+
+
 def _is_4d(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 4
 
 
 def _as_float32(results: Any) -> Any:
     return tuple(r.float() if isinstance(r, torch.Tensor) and r.dtype in _AUTOCAST_DTYPES else r for r in results)
-
-
-def _resized(args: Sequence[Any], batch_size: int) -> tuple[Any, ...]:
-    named = {str(index): arg for index, arg in enumerate(args)}
-    return tuple(resize_batch(named, batch_size, list(named)).values())
-
-
-def _batch_dynamic(args: Sequence[Any]) -> tuple[Any, ...]:
-    """The arguments with axis 0 dynamic wherever it has the first input's batch size (Dynamo may still
-    specialize where the code needs it, e.g. convolution backends choose by batch size).  The marks go on
-    copies (only until the stage is warm): marking the caller's tensors would make every later compile that
-    sees them dynamic too, and views would make Dynamo guard on their bases."""
-    import torch._dynamo
-
-    first = args[0] if args else None
-    if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        return tuple(args)
-    marked = []
-    for arg in args:
-        if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.shape[0] == first.shape[0]:
-            arg = arg.clone()
-            torch._dynamo.maybe_mark_dynamic(arg, 0)
-        marked.append(arg)
-    return tuple(marked)
-
-
-@contextlib.contextmanager
-def _failing_recompiles(stage: Stage) -> Iterator[None]:
-    try:
-        with torch.compiler.set_stance("fail_on_recompile"):
-            yield
-    except RuntimeError as error:
-        if "fail_on_recompile" not in str(error):
-            raise
-        guards = " ".join(line.strip() for line in str(error).splitlines() if line.strip().startswith("-"))
-        raise BrickBackendError(f"Stage {stage.value} would recompile after warm-up ({guards or error}); warm it up "
-                                f"on these inputs too (stage_module.warm_up(named_inputs, batch_sizes=[...])) or "
-                                f"compile without fail_on_recompile.") from error

@@ -26,6 +26,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from torchbricks_fx.binding import STAGE_INPUT, name_outputs
 from torchbricks_fx.brick import call_without_grad
@@ -48,6 +54,11 @@ if TYPE_CHECKING:
     from torchbricks_fx.plan import StagePlan
 
 __all__ = ["META_BRICK", "META_OUTPUTS", "META_VALUE", "StageModule", "build_graph_module", "compile_stage"]
+
+# On every call: one lookup less each.
+_is_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_jit_tracing = torch._C._get_tracing_state
 
 META_BRICK = "torchbricks_fx.brick"
 META_OUTPUTS = "torchbricks_fx.outputs"
@@ -138,17 +149,47 @@ class _ArityCheck(torch.fx.Interpreter):
         return result
 
 
-def raising_brick(graph_module: torch.fx.GraphModule, error: BaseException) -> str | None:
-    """The brick whose node raised ``error`` in a call of ``graph_module``'s generated code, from the
-    traceback's line in that code (the line-to-node map torch.fx records when it writes the code)."""
-    code = graph_module.forward.__code__
+class PlainGraph:
+    """The graph run as plain Python, calling each brick's ``forward`` directly while that is all calling the
+    brick would do: ``nn.Module.__call__`` costs ~1.8 us per call on this CPU, a third of a small brick.  The
+    check runs on every call, so hooks registered at any time (the brick's or global), ``Module.compile``,
+    ``torch.jit`` tracing and ``torch.compile`` of the stage all get the ordinary calls."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+        self.graph_module = graph_module
+        self.direct = torch.fx.GraphModule(graph_module, graph_module.graph)  # its own code; shared modules
+        bricks = []
+        for node in graph_module.graph.nodes:
+            module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+            if module is not None and type(module).__call__ is nn.Module.__call__:
+                self.direct.__dict__[node.target] = module.forward  # found before the submodule
+                bricks.append(module)
+        self.bricks = tuple(bricks)
+        self.graph_modules = (graph_module, self.direct)
+
+    def __call__(self, *args: Any) -> Any:
+        if (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or
+                _global_backward_pre_hooks or _is_compiling() or _jit_tracing()):
+            return self.graph_module.forward(*args)
+        for module in self.bricks:
+            if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or
+                    module._backward_pre_hooks or module._compiled_call_impl is not None):
+                return self.graph_module.forward(*args)
+        return self.direct.forward(*args)
+
+
+def raising_brick(graph_module: torch.fx.GraphModule, error: BaseException,
+                  runs: Sequence[torch.fx.GraphModule] = ()) -> str | None:
+    """The brick whose node raised ``error`` in a call of ``graph_module``'s generated code (or of ``runs``,
+    copies of it), from the traceback's line in that code (the line-to-node map torch.fx records)."""
+    codes = {gm.forward.__code__ for gm in (graph_module, *runs)}
     lineno_map = getattr(graph_module, "_lineno_map", None)
     traceback = error.__traceback__
-    while traceback is not None and traceback.tb_frame.f_code is not code:
+    while traceback is not None and traceback.tb_frame.f_code not in codes:
         traceback = traceback.tb_next
     if traceback is None or not lineno_map:
         return None
-    index = lineno_map.get(traceback.tb_lineno - code.co_firstlineno)
+    index = lineno_map.get(traceback.tb_lineno - traceback.tb_frame.f_code.co_firstlineno)
     nodes = list(graph_module.graph.nodes)
     return nodes[index].meta.get(META_BRICK) if index is not None and index < len(nodes) else None
 
@@ -162,6 +203,8 @@ class StageModule(nn.Module):
     """
 
     _graph_forward: Callable[..., Any]
+    _plain: PlainGraph
+    _pick_inputs: Callable[[Mapping[str, Any]], tuple[Any, ...]]
     _bound: BoundStage
 
     def __init__(self, bound: BoundStage, compile_options: CompileOptions | None = None) -> None:
@@ -178,6 +221,7 @@ class StageModule(nn.Module):
         self.metric_bricks = nn.ModuleDict({identifier(step.name, taken): bound.bricks[step.name]
                                             for step in plan.steps if not step.in_graph})
         self.__dict__["_bound"] = bound  # not a submodule: the graph and metric_bricks hold the modules
+        self._stage_trains = bound.training
         self._outputs_are_graph_outputs = self.graph_output_names == self.output_names and not bound.metric_steps
         self._arity_checked = False
         self._bind_own_forward()
@@ -190,12 +234,18 @@ class StageModule(nn.Module):
         own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                                  function.__defaults__, function.__closure__)
         self.__dict__["forward"] = types.MethodType(own, self)
-        # Bound once: the hot path skips nn.Module.__getattr__ and GraphModule.__call__'s error wrapper.
-        self.__dict__["_graph_forward"] = self.graph_module.forward
+        # Bound once: the hot path skips nn.Module.__getattr__ and GraphModule.__call__'s error wrapper (and,
+        # for one input, a comprehension's frame).
+        names = self.input_names
+        self.__dict__["_pick_inputs"] = (lambda inputs: (inputs[names[0]],)) if len(names) == 1 else \
+            operator.itemgetter(*names) if names else (lambda inputs: ())
+        self.__dict__["_plain"] = self.__dict__["_graph_forward"] = plain = PlainGraph(self.graph_module)
         if self.compile_options is not None:
             from torchbricks_fx.compiling import CompiledGraph
 
-            self.__dict__["_graph_forward"] = CompiledGraph(self.graph_module, self.stage, self.compile_options)
+            compiled = CompiledGraph(self.graph_module, self.stage, self.compile_options, plain=plain,
+                                     on_plain=self._run_plain)
+            self.__dict__["_compiled"] = self.__dict__["_graph_forward"] = compiled
         if self._bound.metric_steps:
             # Metrics are stateful and full of data-dependent shapes: under torch.compile they stay eager,
             # behind this one deliberate graph break, instead of Dynamo tracing (and breaking inside)
@@ -204,7 +254,7 @@ class StageModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in ("forward", "_graph_forward", "_update_metrics"):
+        for name in ("forward", "_pick_inputs", "_plain", "_graph_forward", "_compiled", "_update_metrics"):
             state.pop(name, None)  # per-instance functions cannot be pickled; rebuilt on load
         return state
 
@@ -214,7 +264,7 @@ class StageModule(nn.Module):
 
     def forward(self, named_inputs: dict[str, Any]) -> dict[str, Any]:
         try:
-            args = [named_inputs[name] for name in self.input_names]
+            args = self._pick_inputs(named_inputs)
         except KeyError:
             check_inputs(self.plan, named_inputs)
             raise
@@ -222,15 +272,21 @@ class StageModule(nn.Module):
         # Dynamo resumes after the metric update's deliberate graph break here, which it cannot inside a
         # user-defined context manager.  The grad mode is switched only when it differs.
         bound = self._bound
-        training = bound.training
+        training = self._stage_trains
         if training:
             note_training_call()
         flipped = enter_modes(bound.modules, training)
-        grad_before = torch.is_grad_enabled()
+        grad_before = _is_grad_enabled()
         try:
             if grad_before is not training:
                 torch._C._set_grad_enabled(training)
-            results = self._run_graph(args)
+            try:
+                results = self._graph_forward(*args) if self._arity_checked else self._first_run(args)
+            except Exception as error:
+                brick = raising_brick(self.graph_module, error, (self._plain.direct,))
+                if brick is not None and not isinstance(error, BrickError):
+                    add_brick_note(error, brick)
+                raise
             if self._outputs_are_graph_outputs:
                 return dict(zip(self.output_names, results, strict=True))
             values = dict(zip(self.graph_output_names, results, strict=True))
@@ -245,42 +301,42 @@ class StageModule(nn.Module):
     def _update_metrics(self, named_inputs: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
         return self._bound.update_metrics(named_inputs, values)  # replaced per instance (see _bind_own_forward)
 
-    def _run_graph(self, args: list[Any]) -> Any:
-        if not self._arity_checked and not torch.compiler.is_compiling():
-            if self.compile_options is None:
-                results = _ArityCheck(self.graph_module).run(*args)
-                self._arity_checked = True
-                return results
-            # A compiled stage checks eagerly (restoring what the check moved), then its first call compiles,
-            # as a warm-up expects.
-            with preserved_state(self.graph_module), torch.no_grad():
-                _ArityCheck(self.graph_module).run(*args)
-            self._arity_checked = True
-        try:
+    def _first_run(self, args: Sequence[Any]) -> Any:
+        """The first call checks every brick's output arity (then calls run the graph directly)."""
+        if torch.compiler.is_compiling():  # the user's torch.compile traces the stage: Dynamo checks shapes
             return self._graph_forward(*args)
-        except Exception as error:
-            brick = raising_brick(self.graph_module, error)
-            if brick is not None and not isinstance(error, BrickError):
-                add_brick_note(error, brick)
-            raise
+        if self.compile_options is None:
+            results = _ArityCheck(self.graph_module).run(*args)
+            self._arity_checked = True
+            return results
+        # A compiled stage checks eagerly (restoring what the check moved), then its first call compiles, as a
+        # warm-up expects.
+        with preserved_state(self.graph_module), torch.no_grad():
+            _ArityCheck(self.graph_module).run(*args)
+        self._arity_checked = True
+        return self._graph_forward(*args)
 
     # ------------------------------------------------------------------ compiled stages
     @property
     def compiled(self) -> CompiledGraph | None:
         """The compiled graph when built with ``compile=``; ``None`` otherwise."""
-        graph = self.__dict__.get("_graph_forward")
-        return graph if self.compile_options is not None else None
+        compiled: CompiledGraph | None = self.__dict__.get("_compiled")
+        return compiled
+
+    def _run_plain(self) -> None:
+        """Called by the compiled graph when it measured the plain graph fastest: calls go to it directly."""
+        self.__dict__["_graph_forward"] = self._plain
 
     def warm_up(self, named_inputs: Mapping[str, Any], batch_sizes: Sequence[int] | None = None) -> None:
         """Runs the stage on ``named_inputs`` resized to each of ``batch_sizes`` (default: as given), so that a
-        compiled stage compiles now, with recompiles allowed; the model's buffers and metric states are
-        restored afterwards.  On CPU, convolution stages compile one graph each for batch 1, 2-15 and 16+:
-        ``batch_sizes=[1, 2, 16]`` covers them all."""
+        compiled stage compiles now: a graph specialized to each of these batch sizes and, with
+        ``dynamic_batch``, the dynamic-batch graph that serves every other size.  The model's buffers and
+        metric states are restored afterwards.  On CPU, Dynamo specializes convolution stages to batch 1,
+        2-15 and 16+: one size from each range (``batch_sizes=[1, 2, 16]``) compiles for them all."""
         inputs = [dict(named_inputs)] if batch_sizes is None else \
             [resize_batch(named_inputs, size, self.input_names) for size in batch_sizes]
         compiled = self.compiled
-        sizes = tuple(batch_sizes or ())
-        with preserved_state(self), (compiled.warming_up(sizes) if compiled else contextlib.nullcontext()):
+        with preserved_state(self), (compiled.warming_up() if compiled else contextlib.nullcontext()):
             for each in inputs:
                 self(each)
 
@@ -303,7 +359,8 @@ def compile_stage(collection: BrickCollection, stage: Stage | str, *, outputs: S
     bricks they need (and the stage's metric bricks) are kept.  ``compile=True`` (or a
     :class:`~torchbricks_fx.compiling.CompileOptions`) compiles the graph for what the stage is: eval
     stages as inference graphs with frozen weights (refrozen when the weights change), TRAIN forward and
-    backward; the batch axis is dynamic from the first call.  Raises ``BrickGraphError``.
+    backward; the first call's batch size (and ``warm_up``'s) get graphs of their own, every other batch
+    size one graph with a dynamic batch axis.  Raises ``BrickGraphError``.
     """
     from torchbricks_fx.compiling import CompileOptions
 
