@@ -9,8 +9,9 @@ classifier, multi-task model) it times, in one process and on the same inputs an
 * the peer: torchbricks 0.4.2 built from equivalent bricks (skipped when not installed);
 * ours: the eager collection, the StageModule (fx), the stage compiled for what it is
   (``compile_stage(..., compile=True)``, dynamic batch; and with ``CompileOptions(dynamic_batch=False)``,
-  one graph per batch size, which keeps freezing's prepacked convolutions) and ONNX Runtime on the
-  verified ``export_onnx`` file (dynamic batch, IO binding), through the same runners as
+  one graph per batch size; and with ``CompileOptions(autocast=torch.bfloat16)``, whose floating outputs
+  are checked at bfloat16's tolerance and which counts for no target, the anchors being float32) and ONNX
+  Runtime on the verified ``export_onnx`` file (dynamic batch, IO binding), through the same runners as
   ``torchbricks_fx.benchmark``.
 
 Everything runs with 1 thread (torch and ORT intra-op), each implementation warmed up first (compilation
@@ -46,7 +47,7 @@ from torchbricks_fx.benchmarking import BenchmarkResult, time_statement
 from torchbricks_fx.compiling import CompileOptions
 from torchbricks_fx.errors import error_summary
 from torchbricks_fx.files import write_text
-from torchbricks_fx.numerics import compare_outputs
+from torchbricks_fx.numerics import compare_outputs, difference, tolerance
 from torchbricks_fx.ort import ort_session
 from torchbricks_fx.reporting import environment
 from torchbricks_fx.runners import make_runner
@@ -56,6 +57,8 @@ HAND, HAND_COMPILE, HAND_ORT = "hand-written nn.Module", "hand-written + torch.c
 PEER = "torchbricks 0.4.2 (peer)"
 OURS_BACKENDS = ("eager", "fx", "compile", "onnxruntime")
 STATIC = "compile, static batch"  # the compile backend with CompileOptions(dynamic_batch=False)
+BF16 = "compile, bf16 autocast"  # CompileOptions(autocast=torch.bfloat16): outputs checked at bf16 tolerance
+OPTIONS = {STATIC: CompileOptions(dynamic_batch=False), BF16: CompileOptions(autocast=torch.bfloat16)}
 TARGET_EAGER, TARGET_FX, TARGET_BEST = 2.0, 1.10, 1.0
 TARGET_COMPILE = {"resnet18": 0.6, "multitask": 0.6, "image3": 1.0, "chain50": 1.0}
 
@@ -141,7 +144,7 @@ def _peer(workload: Workload) -> _Impl:
 # ------------------------------------------------------------------------------------------- ours
 def _ours(workload: Workload, backend: str, label: str | None = None) -> _Impl:
     plan = workload.collection.plan(workload.stage, list(workload.outputs))
-    options = CompileOptions(dynamic_batch=False) if label == STATIC else None
+    options = OPTIONS.get(label or "")
     runner = make_runner(backend, workload.collection, workload.stage, plan.outputs,
                          named_inputs=workload.named_inputs, device=torch.device("cpu"), threads=1,
                          compile_options=options)
@@ -171,7 +174,7 @@ def _prepare(workload: Workload, folder: Path, *, compile_: bool, onnx: bool, pe
         if (backend != "compile" or compile_) and (backend != "onnxruntime" or onnx):
             makers.append((ours(backend), lambda b=backend: _ours(workload, b)))
         if backend == "compile" and compile_:
-            makers.append((ours(STATIC), lambda: _ours(workload, "compile", STATIC)))
+            makers += [(ours(label), lambda label=label: _ours(workload, "compile", label)) for label in OPTIONS]
     impls, failures = [], []
     for name, make in makers:
         log(f"{workload.name}: preparing {name}")
@@ -219,7 +222,7 @@ def run_workload(workload: Workload, *, rounds: int, min_run_time: float, compil
     with tempfile.TemporaryDirectory(prefix="torchbricks_fx_suite_") as tmp:
         impls, rows = _prepare(workload, Path(tmp), compile_=compile_, onnx=onnx, peer=peer, log=log)
         try:
-            checks = {impl.name: compare_outputs(reference, impl.fetch()) for impl in impls}
+            checks = {impl.name: _check(reference, impl) for impl in impls}
             timings = _time_rounds(impls, rounds, min_run_time, log, workload.name)
         finally:
             for impl in impls:
@@ -238,7 +241,19 @@ def run_workload(workload: Workload, *, rounds: int, min_run_time: float, compil
                           tuple(sorted(rows, key=lambda r: order.get(r.backend, len(order)))), notes=notes)
 
 
-_ORDER = (HAND, HAND_COMPILE, HAND_ORT, PEER, *(ours(b) for b in ("eager", "fx", "compile", STATIC, "onnxruntime")))
+_ORDER = (HAND, HAND_COMPILE, HAND_ORT, PEER,
+          *(ours(b) for b in ("eager", "fx", "compile", STATIC, BF16, "onnxruntime")))
+
+
+def _check(reference: Mapping[str, torch.Tensor], impl: _Impl) -> tuple[bool, float]:
+    """Outputs against the eager collection's: float32 tolerance, or bfloat16's for the autocast stage's
+    floating outputs (what the stage itself verifies before it accepts autocast)."""
+    got = impl.fetch()
+    if impl.name != ours(BF16):
+        return compare_outputs(reference, got)
+    rtol, atol = tolerance(torch.bfloat16)
+    diffs = [difference(got[name], want, rtol, atol) for name, want in reference.items() if want.is_floating_point()]
+    return all(d.ok for d in diffs), max((d.max_abs for d in diffs), default=0.0)
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -246,8 +261,9 @@ _ORDER = (HAND, HAND_COMPILE, HAND_ORT, PEER, *(ours(b) for b in ("eager", "fx",
 class Targets:
     eager_ratio: float | None
     fx_ratio: float | None
-    compile_ratio: float | None
+    compile_ratio: float | None  # float32: the best of the compiled stage's rows without autocast
     compile_target: float
+    bf16_ratio: float | None  # shown, not a target: the anchors compute in float32
     best_ours: str | None
     fastest_anchor: str | None
     best_ratio: float | None
@@ -272,14 +288,15 @@ def targets(result: WorkloadResult) -> Targets:
 
     # Only implementations whose outputs match eager may set or meet a target.
     anchors = [r for r in timed.values() if kind(r.backend) == "anchor" and r.matched]
-    mine = [r for r in timed.values() if kind(r.backend) == "ours" and r.matched]
+    mine = [r for r in timed.values() if kind(r.backend) == "ours" and r.matched and r.backend != ours(BF16)]
     fastest = min(anchors, key=lambda r: r.median_s or 0.0, default=None)
     best = min(mine, key=lambda r: r.median_s or 0.0, default=None)
     best_ratio = best.median_s / fastest.median_s if best and fastest and best.median_s and fastest.median_s else None
     compiled = [r for r in (ratio(ours("compile")), ratio(ours(STATIC))) if r is not None]
+    bf16 = timed.get(ours(BF16))
     return Targets(ratio(ours("eager")), ratio(ours("fx")), min(compiled, default=None),
-                   TARGET_COMPILE.get(result.name, 1.0), best and best.backend, fastest and fastest.backend,
-                   best_ratio)
+                   TARGET_COMPILE.get(result.name, 1.0), ratio(ours(BF16)) if bf16 and bf16.matched else None,
+                   best and best.backend, fastest and fastest.backend, best_ratio)
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -329,18 +346,20 @@ def _render_targets(results: Sequence[WorkloadResult]) -> list[str]:
              "Anchors are the implementations without torchbricks_fx: the hand-written module, plain torch.compile "
              "of it under no_grad and ONNX Runtime on its export.", "",
              f"| workload | eager / hand (<= {TARGET_EAGER:g}x) | StageModule / hand (<= {TARGET_FX:.2f}x) "
-             f"| best compiled stage / hand | best torchbricks_fx / fastest anchor (<= {TARGET_BEST:.1f}x) |",
-             "|---|---|---|---|---|"]
+             f"| best compiled stage / hand | best torchbricks_fx / fastest anchor (<= {TARGET_BEST:.1f}x) "
+             f"| compiled stage, bf16 autocast / hand (not a target) |",
+             "|---|---|---|---|---|---|"]
     for result in results:
         if result.skipped:
-            lines.append(f"| {result.name} | skipped | skipped | skipped | skipped |")
+            lines.append(f"| {result.name} | skipped | skipped | skipped | skipped | skipped |")
             continue
         t = targets(result)
         passed = t.passed
         best = (f"{_cell(t.best_ratio, passed['best'])} ({t.best_ours} vs {t.fastest_anchor})"
                 if t.best_ratio is not None else "n/a")
         lines.append(f"| {result.name} | {_cell(t.eager_ratio, passed['eager'])} | {_cell(t.fx_ratio, passed['fx'])} "
-                     f"| {_cell(t.compile_ratio, passed['compile'])} (<= {t.compile_target:.1f}x) | {best} |")
+                     f"| {_cell(t.compile_ratio, passed['compile'])} (<= {t.compile_target:.1f}x) | {best} "
+                     f"| {'n/a' if t.bf16_ratio is None else f'{t.bf16_ratio:.2f}x'} |")
     return [*lines, ""]
 
 

@@ -59,6 +59,7 @@ __all__ = ["META_BRICK", "META_OUTPUTS", "META_VALUE", "StageModule", "build_gra
 _is_grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
 _jit_tracing = torch._C._get_tracing_state
+_compiled_call = operator.attrgetter("_compiled_call_impl")  # what Module.compile() sets
 
 META_BRICK = "torchbricks_fx.brick"
 META_OUTPUTS = "torchbricks_fx.outputs"
@@ -165,16 +166,19 @@ class PlainGraph:
                 self.direct.__dict__[node.target] = module.forward  # found before the submodule
                 bricks.append(module)
         self.bricks = tuple(bricks)
-        self.graph_modules = (graph_module, self.direct)
+        # The hook registries themselves (registering a hook fills one; none is ever replaced), so that the
+        # check on every call is two C-level any() calls.
+        self._hook_registries = (_global_forward_hooks, _global_forward_pre_hooks, _global_backward_hooks,
+                                 _global_backward_pre_hooks,
+                                 *(hooks for m in bricks for hooks in (m._forward_hooks, m._forward_pre_hooks,
+                                                                       m._backward_hooks, m._backward_pre_hooks)))
 
-    def __call__(self, *args: Any) -> Any:
-        if (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or
-                _global_backward_pre_hooks or _is_compiling() or _jit_tracing()):
+    def run(self, *args: Any) -> Any:
+        """The graph's outputs for ``args`` (positional, in input order).  A bound method, not ``__call__``:
+        cheaper to call."""
+        if (_is_compiling() or any(self._hook_registries) or any(map(_compiled_call, self.bricks)) or
+                _jit_tracing()):
             return self.graph_module.forward(*args)
-        for module in self.bricks:
-            if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or
-                    module._backward_pre_hooks or module._compiled_call_impl is not None):
-                return self.graph_module.forward(*args)
         return self.direct.forward(*args)
 
 
@@ -239,11 +243,12 @@ class StageModule(nn.Module):
         names = self.input_names
         self.__dict__["_pick_inputs"] = (lambda inputs: (inputs[names[0]],)) if len(names) == 1 else \
             operator.itemgetter(*names) if names else (lambda inputs: ())
-        self.__dict__["_plain"] = self.__dict__["_graph_forward"] = plain = PlainGraph(self.graph_module)
+        self.__dict__["_plain"] = plain = PlainGraph(self.graph_module)
+        self.__dict__["_graph_forward"] = plain.run
         if self.compile_options is not None:
             from torchbricks_fx.compiling import CompiledGraph
 
-            compiled = CompiledGraph(self.graph_module, self.stage, self.compile_options, plain=plain,
+            compiled = CompiledGraph(self.graph_module, self.stage, self.compile_options, plain=plain.run,
                                      on_plain=self._run_plain)
             self.__dict__["_compiled"] = self.__dict__["_graph_forward"] = compiled
         if self._bound.metric_steps:
@@ -325,7 +330,7 @@ class StageModule(nn.Module):
 
     def _run_plain(self) -> None:
         """Called by the compiled graph when it measured the plain graph fastest: calls go to it directly."""
-        self.__dict__["_graph_forward"] = self._plain
+        self.__dict__["_graph_forward"] = self._plain.run
 
     def warm_up(self, named_inputs: Mapping[str, Any], batch_sizes: Sequence[int] | None = None) -> None:
         """Runs the stage on ``named_inputs`` resized to each of ``batch_sizes`` (default: as given), so that a
