@@ -240,3 +240,16 @@ def test_compiling_leaves_the_callers_tensors_unmarked(collection):
     inference(inputs)
     assert not hasattr(inputs["raw"], "_dynamo_weak_dynamic_indices")
     assert not hasattr(inputs["raw"], "_dynamo_dynamic_indices")
+
+
+def test_a_static_batch_stage_refuses_batch_sizes_past_dynamos_limit(collection):
+    """Dynamo would run them eagerly, silently."""
+    import torch._dynamo.config
+
+    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(freeze=False, dynamic_batch=False))
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for batch_size in (1, 2):
+            assert_like_eager(inference, collection, images(batch_size))
+        refused = r"for 2 batch sizes \(\[1, 2\]\).*batch size 3 would run uncompiled"
+        with pytest.raises(BrickBackendError, match=refused):
+            inference(images(3))

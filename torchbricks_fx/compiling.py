@@ -189,11 +189,26 @@ class CompiledGraph:
         size = batch_size(args)
         if size in self._static_sizes:
             return self._static
-        if self._dynamic is None or ((self._warming or not self._warm) and
-                                     len(self._static_sizes) < _MAX_SPECIALIZED_SIZES):
-            self._static_sizes.add(size)  # a size the stage warms up on (or any, without dynamic_batch)
+        if self._dynamic is None:
+            self._check_static_room(size)
+            self._static_sizes.add(size)  # without dynamic_batch, a graph per batch size
+            return self._static
+        if (self._warming or not self._warm) and len(self._static_sizes) < _MAX_SPECIALIZED_SIZES:
+            self._static_sizes.add(size)  # a size the stage warms up on
             return self._static
         return self._dynamic
+
+    def _check_static_room(self, size: int | None) -> None:
+        """Past Dynamo's ``recompile_limit`` graphs per code object, calls would silently run eagerly."""
+        import torch._dynamo.config
+
+        limit = torch._dynamo.config.recompile_limit
+        if len(self._static_sizes) >= limit:
+            raise BrickBackendError(
+                f"Stage {self.stage.value} was compiled with CompileOptions(dynamic_batch=False) for {limit} batch "
+                f"sizes ({sorted(s for s in self._static_sizes if s is not None)}), torch._dynamo.config."
+                f"recompile_limit; batch size {size} would run uncompiled.  Use dynamic_batch=True (graphs for "
+                f"the warm-up sizes, one graph for all others) or raise the limit.")
 
     def _compiles_both(self) -> bool:
         """Warm-up compiles the dynamic-batch graph too when the user asks for it or recompiles must fail."""
@@ -203,6 +218,8 @@ class CompiledGraph:
         dynamic = self._dynamic
         if dynamic is None or self.choice == "eager":
             return
+        if batch_size(args) == 1:  # Dynamo specializes size 1 anyway: compile (and measure) for sizes 2+
+            args = resized(args, 2)
         variant = dynamic.variant or self._choose(dynamic, args)
         if variant.compiled:
             if variant.frozen:
