@@ -253,3 +253,14 @@ def test_a_static_batch_stage_refuses_batch_sizes_past_dynamos_limit(collection)
         refused = r"for 2 batch sizes \(\[1, 2\]\).*batch size 3 would run uncompiled"
         with pytest.raises(BrickBackendError, match=refused):
             inference(images(3))
+
+
+def test_fail_on_recompile_compiles_the_dynamic_batch_graph_on_the_first_call(collection):
+    inference = compile_stage(collection, Stage.INFERENCE,
+                              compile=CompileOptions(freeze=True, fail_on_recompile=True))
+    assert_like_eager(inference, collection, images(4))  # the first call: batch 4, and the graph for 2-15
+    compiles = inference.compiled.compiles
+    for batch_size in (6, 3, 4):
+        assert_like_eager(inference, collection, images(batch_size))
+    assert inference.compiled.compiles == compiles == 2
+    assert inference.compiled.dynamic_choice == "compiled-frozen, dynamic batch"
