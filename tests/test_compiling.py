@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import multitask_bricks
+from torch import nn
 
-from torchbricks_fx import BrickBackendError, BrickCollection, Stage, compile_stage, compiling
+from torchbricks_fx import BrickBackendError, BrickCollection, BrickTrainable, Stage, compile_stage, compiling
 from torchbricks_fx.compiling import CompileOptions
 from torchbricks_fx.numerics import compare_tensors, difference, tolerance
 
@@ -129,7 +130,7 @@ def test_a_stage_whose_plain_graph_wins_runs_it_for_every_batch_size(collection,
     def plain_fastest(calls):
         return {name: 1.0 if name.startswith("eager") else 2.0 for name in calls}
 
-    monkeypatch.setattr(compiling, "_seconds_per_call", plain_fastest)
+    monkeypatch.setattr(compiling, "seconds_per_call", plain_fastest)
     inference = compile_stage(collection, Stage.INFERENCE, compile=True)
     for batch_size in (2, 7):
         assert_like_eager(inference, collection, images(batch_size))
@@ -264,3 +265,75 @@ def test_fail_on_recompile_compiles_the_dynamic_batch_graph_on_the_first_call(co
         assert_like_eager(inference, collection, images(batch_size))
     assert inference.compiled.compiles == compiles == 2
     assert inference.compiled.dynamic_choice == "compiled-frozen, dynamic batch"
+
+
+# ------------------------------------------------------------------------------------------- review fixes
+def both_slots_frozen(calls):
+    return {name: 1.0 if name.startswith("compiled-frozen") else 2.0 for name in calls}
+
+
+def test_a_new_batch_size_after_a_weight_change_leaves_no_stale_graph_behind(collection, monkeypatch):
+    monkeypatch.setattr(compiling, "seconds_per_call", both_slots_frozen)
+    inference = compile_stage(collection, Stage.INFERENCE, compile=True)
+    assert_like_eager(inference, collection, images(4))
+    with torch.no_grad():
+        for parameter in collection.parameters():
+            parameter.add_(0.5)
+    assert_like_eager(inference, collection, images(7))  # the dynamic-batch graph, compiled on new weights
+    assert_like_eager(inference, collection, images(4))  # the batch-4 graph, refrozen
+
+
+def test_warming_the_dynamic_graph_up_leaves_train_state_alone(collection):
+    twin = copy.deepcopy(collection)
+    train = compile_stage(collection, Stage.TRAIN, compile=CompileOptions(fail_on_recompile=True))
+    train(train_inputs(4))  # runs the batch-4 graph, then compiles the dynamic-batch one on the same inputs
+    twin(train_inputs(4), Stage.TRAIN)
+    bn, twin_bn = collection["backbone"].model.bn, twin["backbone"].model.bn
+    assert bn.num_batches_tracked.item() == twin_bn.num_batches_tracked.item() == 1
+    assert torch.allclose(bn.running_mean, twin_bn.running_mean, atol=1e-6)
+
+
+def test_refresh_warms_up_again_on_the_next_call(collection):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(freeze=True, fail_on_recompile=True))
+    inference.warm_up(images(2), batch_sizes=[2, 16])
+    inference.refresh()
+    for batch_size in (2, 5, 16):  # no "would recompile": the next call compiled every warmed-up size again
+        assert_like_eager(inference, collection, images(batch_size))
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return x * 2
+
+
+def test_a_stage_that_changes_its_own_buffers_is_never_frozen():
+    def counting_collection() -> BrickCollection:
+        return BrickCollection({"count": BrickTrainable(Counting(), input_names=["raw"], output_names=["out"])})
+
+    frozen = compile_stage(counting_collection(), Stage.INFERENCE, compile=FROZEN)
+    with pytest.raises(BrickBackendError, match=r"changes count\.calls while it runs.*freeze=False"):
+        frozen(images(2))
+    measured = compile_stage(counting_collection(), Stage.INFERENCE, compile=True)
+    inputs = images(2)
+    assert torch.equal(measured(inputs)["out"], inputs["raw"] * 2)
+    assert "compiled-frozen" not in measured.compiled.timings
+
+
+def test_autocast_stages_never_run_the_plain_float32_graph(collection):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(autocast=torch.bfloat16))
+    inference(images(2))
+    assert set(inference.compiled.timings) == {"compiled-frozen", "compiled"}
+
+
+def test_a_refused_batch_size_leaves_no_trace(collection):
+    inference = compile_stage(collection, Stage.INFERENCE,
+                              compile=CompileOptions(freeze=False, dynamic_batch=False, fail_on_recompile=True))
+    inference(images(4))
+    with pytest.raises(BrickBackendError, match="would recompile after warm-up"):
+        inference(images(8))
+    assert inference.compiled.batch_sizes == (4,)

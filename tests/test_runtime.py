@@ -212,3 +212,25 @@ def test_the_plain_graph_honours_hooks_registered_at_any_time(multitask):
     calls = []  # what Module.compile() installs
     backbone._compiled_call_impl = lambda *args: calls.append(args) or backbone.forward(*args)
     assert torch.equal(stage(inputs)["seg"], expected) and calls
+
+
+def test_the_plain_graph_follows_a_forward_replaced_on_the_instance(multitask):
+    stage = compile_stage(multitask, Stage.INFERENCE, outputs=["features"])
+    inputs = {"raw": torch.rand(2, 3, 16, 16)}
+    stage(inputs)
+    backbone = multitask["backbone"].model
+    backbone.forward = lambda image: torch.zeros(1)  # type: ignore[method-assign]  # as wrappers do
+    assert torch.equal(stage(inputs)["features"], torch.zeros(1))
+    stage.graph_module.graph.lint()  # the graph still belongs to the stage's GraphModule
+
+
+def test_every_called_module_gets_the_stage_mode_even_a_linear_with_a_hook():
+    """spectral_norm's pre-hook reads the Linear's mode: in train mode it would update weight_u."""
+    linear = nn.utils.spectral_norm(nn.Linear(4, 4))
+    collection = BrickCollection({"layer": BrickTrainable(linear, input_names=["x"], output_names=["y"])})
+    collection.train()
+    stage = compile_stage(collection, Stage.INFERENCE)
+    u = linear.weight_u.clone()
+    x = torch.rand(3, 4)
+    assert torch.equal(stage({"x": x})["y"], stage({"x": x})["y"])
+    assert torch.equal(linear.weight_u, u) and linear.training

@@ -1,21 +1,30 @@
 """How a compiled stage runs one way of compiling its graph: :class:`Variant` (a ``torch.compile`` of its
-own copy of the GraphModule, or the plain graph), :class:`Slot` (the candidates for one kind of batch size
-and the one chosen), and the batch-axis and recompile helpers they share.  Internal to ``compiling.py``."""
+own copy of the GraphModule, or the plain graph) and :class:`Slot` (the candidates for one kind of batch
+size and the one chosen); and the helpers around them: batch-axis marks and resizing, the recompile stance
+and the static-size limit, the timing that picks a candidate, the autocast check.  Internal to
+``compiling.py``."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx
 
 from torchbricks_fx.errors import BrickBackendError
+from torchbricks_fx.fx import code_copy
+from torchbricks_fx.numerics import difference, tolerance
 from torchbricks_fx.runtime import resize_batch
 from torchbricks_fx.stage import Stage
 
-__all__ = ["Slot", "Variant", "batch_dynamic", "batch_size", "failing_recompiles", "resized"]
+__all__ = ["AUTOCAST_DTYPES", "Slot", "Variant", "as_float32", "batch_dynamic", "batch_size", "check_autocast",
+           "check_static_room", "failing_recompiles", "is_4d", "resized", "seconds_per_call"]
+
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+_SELECTION_SECONDS = 0.12  # timing per candidate when an eval stage picks how to run ...
+_SELECTION_ROUNDS = 3  # ... in interleaved rounds
 
 
 class Variant:
@@ -30,8 +39,7 @@ class Variant:
         self.compiled = compiled
         self.dynamic = dynamic
         self.needs_marks = compiled and dynamic  # batch marks on the inputs of its first compile
-        self.graph_module = torch.fx.GraphModule(graph_module, graph_module.graph) if compiled else graph_module
-        self.graph_module.training = graph_module.training
+        self.graph_module = code_copy(graph_module) if compiled else graph_module
         self.run: Callable[..., Any] = torch.compile(
             self.graph_module, fullgraph=True, mode=mode, dynamic=None if dynamic else False) if compiled \
             else plain
@@ -112,3 +120,55 @@ def failing_recompiles(stage: Stage) -> Iterator[None]:
         raise BrickBackendError(f"Stage {stage.value} would recompile after warm-up ({guards or error}); warm it up "
                                 f"on these inputs too (stage_module.warm_up(named_inputs, batch_sizes=[...])) or "
                                 f"compile without fail_on_recompile.") from error
+
+
+def check_static_room(stage: Stage, sizes: set[int | None], size: int | None) -> None:
+    """Past Dynamo's ``recompile_limit`` graphs per code object, calls would silently run eagerly."""
+    import torch._dynamo.config
+
+    limit = torch._dynamo.config.recompile_limit
+    if len(sizes) >= limit:
+        raise BrickBackendError(
+            f"Stage {stage.value} was compiled with CompileOptions(dynamic_batch=False) for {limit} batch sizes "
+            f"({sorted(s for s in sizes if s is not None)}), torch._dynamo.config.recompile_limit; batch size "
+            f"{size} would run uncompiled.  Use dynamic_batch=True (graphs for the warm-up sizes, one graph for "
+            f"all others) or raise the limit.")
+
+
+def check_autocast(graph_module: torch.fx.GraphModule, stage: Stage, dtype: torch.dtype | None,
+                   args: Sequence[Any], results: Any) -> None:
+    """Outputs under autocast against float32 eager at the autocast dtype's tolerance."""
+    if dtype is None:
+        return
+    with torch.no_grad():
+        reference = graph_module(*args)
+    rtol, atol = tolerance(dtype)
+    for index, (got, want) in enumerate(zip(as_float32(results), reference, strict=True)):
+        if isinstance(want, torch.Tensor) and want.is_floating_point():
+            diff = difference(got.to(want.dtype), want, rtol, atol)
+            if not diff.ok:
+                raise BrickBackendError(
+                    f"{str(dtype).replace('torch.', '')} autocast changes output {index} of stage {stage.value} "
+                    f"beyond that dtype's tolerance (max abs error {diff.max_abs:.3g}, rtol {rtol:g}, atol "
+                    f"{atol:g}); compile without autocast for this stage.")
+
+
+def seconds_per_call(calls: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+    """Median seconds per call of each, best of interleaved rounds (drift on a shared machine hits all)."""
+    from torch.utils.benchmark import Timer
+
+    best: dict[str, float] = {}
+    for _ in range(_SELECTION_ROUNDS):
+        for name, call in calls.items():
+            timer = Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+            seconds = float(timer.blocked_autorange(min_run_time=_SELECTION_SECONDS / _SELECTION_ROUNDS).median)
+            best[name] = min(best.get(name, seconds), seconds)
+    return best
+
+
+def is_4d(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 4
+
+
+def as_float32(results: Any) -> Any:
+    return tuple(r.float() if isinstance(r, torch.Tensor) and r.dtype in AUTOCAST_DTYPES else r for r in results)

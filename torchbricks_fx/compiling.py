@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,23 +38,25 @@ import torch
 import torch.fx
 
 from torchbricks_fx.compile_variants import (
+    AUTOCAST_DTYPES,
     Slot,
     Variant,
+    as_float32,
     batch_dynamic,
     batch_size,
+    check_autocast,
+    check_static_room,
     failing_recompiles,
+    is_4d,
     resized,
+    seconds_per_call,
 )
 from torchbricks_fx.errors import BrickBackendError
-from torchbricks_fx.numerics import difference, tolerance
-from torchbricks_fx.runtime import training_calls
+from torchbricks_fx.runtime import preserved_state, training_calls
 from torchbricks_fx.stage import Stage
 
 __all__ = ["CompileOptions"]
 
-_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
-_SELECTION_SECONDS = 0.12  # timing per candidate when an eval stage picks how to run ...
-_SELECTION_ROUNDS = 3  # ... in interleaved rounds
 _MAX_SPECIALIZED_SIZES = 6  # batch sizes with graphs of their own (Dynamo keeps 8 graphs per code object)
 
 
@@ -83,7 +85,7 @@ class CompileOptions:
     mode: str | None = None
 
     def __post_init__(self) -> None:
-        if self.autocast is not None and self.autocast not in _AUTOCAST_DTYPES:
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise BrickBackendError(f"CompileOptions(autocast={self.autocast!r}): autocast takes torch.bfloat16 or "
                                     f"torch.float16 (or None for float32).")
 
@@ -114,11 +116,18 @@ class CompiledGraph:
         self._static = Slot(self._make_candidates(dynamic=False))
         self._dynamic = Slot(self._make_candidates(dynamic=True)) if options.dynamic_batch else None
         self._static_sizes: set[int | None] = set()
-        self._slots = [(d, name) for m in graph_module.modules() for d in (m._parameters, m._buffers) for name in d]
+        named = [(f"{path}.{name}".lstrip("."), d, name) for path, m in graph_module.named_modules()
+                 for d in (m._parameters, m._buffers) for name in d]
+        self._slots = [(d, name) for _, d, name in named]
+        self._slot_names = [path for path, _, _ in named]
         self._weights_state: tuple[Any, ...] | None = None
         self._warm = False
         self._warming = False  # inside warming_up: compiles allowed
         self._warming_dynamic = False  # ... and the dynamic-batch graph compiled too
+        self._stale = False  # refreshed: the next call compiles again for the warmed-up batch sizes
+        self._rewarming = False
+        self._compiled_last = False  # whether the last run compiled
+        self._changes_own_weights: list[str] = []  # tensors a run of the stage changed: no frozen candidate
         self._verified = options.autocast is None
         self.compiles = 0
         self.compile_seconds = 0.0
@@ -138,7 +147,7 @@ class CompiledGraph:
             candidates.append(variant("compiled-frozen", compiled=True, frozen=True))
         if freeze is not True:
             candidates.append(variant("compiled", compiled=True, frozen=False))
-        if freeze is None:
+        if freeze is None and self.options.autocast is None:  # autocast asks for compiled code
             candidates.append(variant("eager", compiled=False, frozen=False))
         return candidates
 
@@ -171,44 +180,47 @@ class CompiledGraph:
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
-        slot = self._slot_for(args)
+        if self._stale and not self._rewarming:
+            self._rewarm(args)
+        size = batch_size(args)
+        slot = self._slot_for(size)
+        added = slot is self._static and size not in self._static_sizes
+        if added:
+            self._static_sizes.add(size)
+        try:
+            return self._call(slot, args)
+        except BaseException:
+            if added:  # a refused or failed call leaves no batch size behind
+                self._static_sizes.discard(size)
+            raise
+
+    def _call(self, slot: Slot, args: Sequence[Any]) -> Any:
         variant = slot.variant or self._choose(slot, args)
-        if not variant.compiled and self._verified:
+        if not variant.compiled:
             return variant.run(*args)  # the plain graph was faster: nothing in its way
         if variant.frozen:
             self._ensure_fresh(args)
         results = self._run(variant, args)
+        if variant.frozen and self._compiled_last:
+            self._check_constant_weights()
         if self._dynamic is not None and slot is self._static and self._compiles_both():
             self._warm_dynamic(args)
         if not self._verified:
-            results = self._verify_autocast(args, results)
+            check_autocast(self.graph_module, self.stage, self.options.autocast, args, results)
+            self._verified = True
         self._warm = self._warm or not self._warming
-        return _as_float32(results) if self.options.autocast is not None else results
+        return as_float32(results) if self.options.autocast is not None else results
 
-    def _slot_for(self, args: Sequence[Any]) -> Slot:
-        size = batch_size(args)
+    def _slot_for(self, size: int | None) -> Slot:
+        """The static slot for the sizes warmed up on (or every size, without ``dynamic_batch``)."""
         if size in self._static_sizes:
             return self._static
         if self._dynamic is None:
-            self._check_static_room(size)
-            self._static_sizes.add(size)  # without dynamic_batch, a graph per batch size
+            check_static_room(self.stage, self._static_sizes, size)
             return self._static
         if (self._warming or not self._warm) and len(self._static_sizes) < _MAX_SPECIALIZED_SIZES:
-            self._static_sizes.add(size)  # a size the stage warms up on
             return self._static
         return self._dynamic
-
-    def _check_static_room(self, size: int | None) -> None:
-        """Past Dynamo's ``recompile_limit`` graphs per code object, calls would silently run eagerly."""
-        import torch._dynamo.config
-
-        limit = torch._dynamo.config.recompile_limit
-        if len(self._static_sizes) >= limit:
-            raise BrickBackendError(
-                f"Stage {self.stage.value} was compiled with CompileOptions(dynamic_batch=False) for {limit} batch "
-                f"sizes ({sorted(s for s in self._static_sizes if s is not None)}), torch._dynamo.config."
-                f"recompile_limit; batch size {size} would run uncompiled.  Use dynamic_batch=True (graphs for "
-                f"the warm-up sizes, one graph for all others) or raise the limit.")
 
     def _compiles_both(self) -> bool:
         """Warm-up compiles the dynamic-batch graph too when the user asks for it or recompiles must fail."""
@@ -220,11 +232,15 @@ class CompiledGraph:
             return
         if batch_size(args) == 1:  # Dynamo specializes size 1 anyway: compile (and measure) for sizes 2+
             args = resized(args, 2)
-        variant = dynamic.variant or self._choose(dynamic, args)
-        if variant.compiled:
-            if variant.frozen:
-                self._ensure_fresh(args)
-            self._run(variant, args)
+        # A second run of the same inputs: nothing it changes may stay (TRAIN's BatchNorm statistics, dropout's
+        # random numbers).
+        devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"][:1]
+        with preserved_state(self.graph_module), torch.random.fork_rng(devices=devices):
+            variant = dynamic.variant or self._choose(dynamic, args)
+            if variant.compiled:
+                if variant.frozen:
+                    self._ensure_fresh(args)
+                self._run(variant, args)
 
     def _run(self, variant: Variant, args: Sequence[Any]) -> Any:
         """One call of ``variant`` with the compiler settings it was (or will be) compiled with.  On every
@@ -233,7 +249,7 @@ class CompiledGraph:
         if marked:
             args = batch_dynamic(args)
         if self.options.channels_last:
-            args = tuple(a.contiguous(memory_format=torch.channels_last) if _is_4d(a) else a for a in args)
+            args = tuple(a.contiguous(memory_format=torch.channels_last) if is_4d(a) else a for a in args)
         inductor, stats = self._inductor, self._dynamo_stats
         # These flags decide at (re)compile time, and a stage may recompile on any call (a new batch-size
         # range, refreshed weights).  Layout optimization converts convolutions to channels-last: it pays
@@ -250,6 +266,7 @@ class CompiledGraph:
         finally:
             inductor.freezing, inductor.layout_optimization = saved
         compiled = stats["unique_graphs"] - before
+        self._compiled_last = bool(compiled)
         if compiled:
             self.compiles += compiled
             self.compile_seconds += time.perf_counter() - start
@@ -260,19 +277,28 @@ class CompiledGraph:
     def _choose(self, slot: Slot, args: Sequence[Any]) -> Variant:
         """Runs every candidate of ``slot`` on ``args`` (compiling them), times each, keeps the fastest.  When
         the plain graph beats the graphs specialized to a batch size, it runs every batch size."""
+        candidates = []
         for candidate in slot.candidates:
+            if candidate.frozen and self._changes_own_weights:
+                continue
             candidate.before_compiling()
+            before = self._state()
             self._run(candidate, args)  # compiles (and freezes)
+            if candidate.frozen and self._state() != before:  # constants that change: never frozen
+                self._changes_own_weights = self._changed_names(before)
+                candidate.forget()
+                continue
+            candidates.append(candidate)
         # Timed as each will be called: the plain graph directly, compiled code with its settings around.
         calls = {c.name: functools.partial(self._run, c, args) if c.compiled else functools.partial(c.run, *args)
-                 for c in slot.candidates}
-        slot.timings = _seconds_per_call(calls)
-        chosen = min(slot.candidates, key=lambda c: slot.timings[c.name])
+                 for c in candidates}
+        slot.timings = seconds_per_call(calls)
+        chosen = min(candidates, key=lambda c: slot.timings[c.name])
         for candidate in slot.candidates:
             if candidate is not chosen:
                 candidate.forget()
         slot.variant = chosen
-        if chosen.frozen:
+        if chosen.frozen and self._weights_state is None:  # else the next check compares with the older state
             self._weights_state = self._state()
         if slot is self._static and not chosen.compiled:
             self._run_plain_everywhere()
@@ -282,39 +308,60 @@ class CompiledGraph:
         dynamic = self._dynamic
         if dynamic is not None:
             dynamic.variant = next(c for c in dynamic.candidates if not c.compiled)
-        if self._verified and self._on_plain is not None:
+        if self._on_plain is not None:
             self._on_plain()  # the owner may call the plain graph directly from now on
 
     # ------------------------------------------------------------------ freshness of frozen weights
     def _state(self) -> tuple[Any, ...]:
-        tensors = [d[name] for d, name in self._slots]
-        return training_calls(), tuple([(t._version, t.data_ptr()) for t in tensors if t is not None])
+        return training_calls(), tuple([None if t is None else (t._version, t.data_ptr())
+                                        for t in [d[name] for d, name in self._slots]])
+
+    def _changed_names(self, before: tuple[Any, ...]) -> list[str]:
+        now = self._state()[1]
+        return [name for name, old, new in zip(self._slot_names, before[1], now, strict=True) if old != new]
+
+    def _check_constant_weights(self) -> None:
+        """A frozen graph's weights and buffers are constants: a stage that changes its own (a call counter,
+        spectral norm left in train mode) would refreeze on every call, so it is refused."""
+        if self._weights_state is not None and self._state() != self._weights_state:
+            names = self._changed_names(self._weights_state)
+            raise BrickBackendError(
+                f"Stage {self.stage.value} changes {', '.join(names[:5])} while it runs, so its weights cannot be "
+                f"frozen as constants; compile it with CompileOptions(freeze=False) (or freeze=None, which then "
+                f"keeps them inputs).")
 
     def _ensure_fresh(self, args: Sequence[Any]) -> None:
         state = self._state()
         if state != self._weights_state:
-            if self._weights_state is not None:
+            if self._weights_state is not None and not self._rewarming:
                 self.refresh()
                 self._rewarm(args)
-            self._weights_state = state
+            self._weights_state = self._state()
 
     def _rewarm(self, args: Sequence[Any]) -> None:
-        """After refreezing, compiles again for the batch sizes the stage warmed up on (so that
-        ``fail_on_recompile`` keeps holding for them)."""
-        with self.warming_up(dynamic=self.options.fail_on_recompile):
-            for size in self.batch_sizes or (None,):
-                self(*(args if size is None else resized(args, size)))
+        """After refreezing, compiles again for the batch sizes the stage warmed up on and for ``args`` (so
+        that ``fail_on_recompile`` keeps holding)."""
+        self._stale, self._rewarming = False, True
+        try:
+            with self.warming_up(dynamic=self.options.fail_on_recompile):
+                for size in self.batch_sizes or (None,):
+                    self(*(args if size is None else resized(args, size)))
+                if self._dynamic is not None and batch_size(args) not in self._static_sizes:
+                    self._warm_dynamic(args)
+        finally:
+            self._rewarming = False
 
     def refresh(self) -> None:
-        """Forgets frozen weights: the next call compiles (and freezes) again.  Called automatically when the
-        weights change; call it after changes nothing can see (writes through ``param.data``)."""
+        """Forgets frozen weights: the next call compiles (and freezes) again, for every batch size it had
+        warmed up on.  Called automatically when the weights change; call it after changes nothing can see
+        (writes through ``param.data``)."""
         frozen = [v for slot in (self._static, self._dynamic) if slot is not None for v in slot.frozen()]
         for variant in frozen:
             variant.forget()
             variant.before_compiling()
         if frozen:
             self._weights_state = None
-            self._warm = False
+            self._stale = True
 
     @contextlib.contextmanager
     def warming_up(self, dynamic: bool = True) -> Iterator[None]:
@@ -343,43 +390,3 @@ class CompiledGraph:
             return contextlib.nullcontext()
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         return torch.autocast(device, dtype=self.options.autocast)
-
-    def _verify_autocast(self, args: Sequence[Any], results: Any) -> Any:
-        """Outputs under autocast against float32 eager at the autocast dtype's tolerance, once."""
-        dtype = self.options.autocast
-        if dtype is None:
-            return results
-        with torch.no_grad():
-            reference = self.graph_module(*args)
-        rtol, atol = tolerance(dtype)
-        for index, (got, want) in enumerate(zip(_as_float32(results), reference, strict=True)):
-            if isinstance(want, torch.Tensor) and want.is_floating_point():
-                diff = difference(got.to(want.dtype), want, rtol, atol)
-                if not diff.ok:
-                    raise BrickBackendError(
-                        f"{str(dtype).replace('torch.', '')} autocast changes output {index} of stage "
-                        f"{self.stage.value} beyond that dtype's tolerance (max abs error {diff.max_abs:.3g}, rtol "
-                        f"{rtol:g}, atol {atol:g}); compile without autocast for this stage.")
-        self._verified = True
-        return results
-
-
-def _seconds_per_call(calls: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
-    """Median seconds per call of each, best of interleaved rounds (drift on a shared machine hits all)."""
-    from torch.utils.benchmark import Timer
-
-    best: dict[str, float] = {}
-    for _ in range(_SELECTION_ROUNDS):
-        for name, call in calls.items():
-            timer = Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
-            seconds = float(timer.blocked_autorange(min_run_time=_SELECTION_SECONDS / _SELECTION_ROUNDS).median)
-            best[name] = min(best.get(name, seconds), seconds)
-    return best
-
-
-def _is_4d(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 4
-
-
-def _as_float32(results: Any) -> Any:
-    return tuple(r.float() if isinstance(r, torch.Tensor) and r.dtype in _AUTOCAST_DTYPES else r for r in results)

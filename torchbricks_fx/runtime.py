@@ -97,8 +97,8 @@ _set_grad_enabled = torch._C._set_grad_enabled
 @dataclass(frozen=True, eq=False)
 class BoundStage:
     """A :class:`StagePlan` bound to its bricks: model steps (the graph's bricks) in execution order, then
-    metric steps, and the modules whose mode matters (every module a model brick calls, less the torch.nn
-    layers whose forward never reads it)."""
+    metric steps, and the modules whose mode matters (every module a model brick calls: even a Linear's mode
+    may matter, to a hook such as spectral norm's)."""
 
     plan: StagePlan
     model_steps: tuple[BoundStep, ...]
@@ -115,7 +115,7 @@ class BoundStage:
         model = tuple(_bind_step(plan.stage, spec, live[spec.name]) for spec in plan.steps if spec.in_graph)
         metrics = tuple(_bind_step(plan.stage, spec, live[spec.name]) for spec in plan.steps if not spec.in_graph)
         called = [live[spec.name].graph_module(plan.stage) for spec in plan.steps if spec.in_graph]
-        return cls(plan, model, metrics, _mode_dependent_modules(called), live)
+        return cls(plan, model, metrics, _unique_modules(called), live)
 
     @property
     def stage(self) -> Stage:
@@ -162,27 +162,11 @@ def _bind_step(stage: Stage, spec: BrickSpec, brick: Brick) -> BoundStep:
                      returns_dict=not spec.in_graph and bool(spec.outputs))
 
 
-# torch.nn layers whose forward never reads ``training``, by exact type (a subclass's forward may): their
-# mode cannot change what a stage computes, so the per-call mode switch skips them (on ResNet-18 it checks
-# the 20 batch norms and the user's own modules instead of 68 modules).
-_MODE_FREE: frozenset[type[nn.Module]] = frozenset({
-    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Unflatten,
-    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-    nn.ConvTranspose3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.Softmax2d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
-})
-
-
-def _mode_dependent_modules(roots: Sequence[nn.Module]) -> tuple[nn.Module, ...]:
+def _unique_modules(roots: Sequence[nn.Module]) -> tuple[nn.Module, ...]:
     seen: dict[int, nn.Module] = {}
     for root in roots:
         for module in root.modules():
-            if type(module) not in _MODE_FREE:
-                seen.setdefault(id(module), module)
+            seen.setdefault(id(module), module)
     return tuple(seen.values())
 
 
