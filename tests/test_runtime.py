@@ -14,6 +14,7 @@ from torchbricks_fx import (
     BrickGraphError,
     BrickMetricSingle,
     BrickNotTrainable,
+    BrickOutputError,
     BrickTrainable,
     Stage,
     compile_stage,
@@ -53,8 +54,8 @@ def test_calculate_gradients_flipped_after_a_train_call_blocks_gradients():
     assert not BrickCollection(dict(collection.items()))({"x": x}, Stage.TRAIN)["z"].requires_grad
 
 
-@pytest.mark.parametrize("change", ["input_names", "output_names", "alive_stages", "model", "nested_add",
-                                    "nested_remove"])
+@pytest.mark.parametrize("change", ["input_names", "output_names", "input_names_in_place",
+                                    "output_names_in_place", "alive_stages", "model", "nested_add", "nested_remove"])
 def test_every_plan_attribute_invalidates_the_collections_holding_the_brick(change):
     collection = chain()
     assert torch.equal(run(collection)["z"], torch.full((2,), 6.0))
@@ -66,6 +67,13 @@ def test_every_plan_attribute_invalidates_the_collections_holding_the_brick(chan
     elif change == "output_names":
         second.output_names = ["w"]
         assert "w" in run(collection) and "z" not in run(collection)
+    elif change == "input_names_in_place":
+        second.input_names[0] = "x"
+        assert torch.equal(run(collection)["z"], torch.full((2,), 3.0))
+    elif change == "output_names_in_place":
+        second.output_names.append("w")  # one value named twice: Scale returns one tensor, not two
+        with pytest.raises(BrickOutputError, match="second"):
+            run(collection)
     elif change == "alive_stages":
         second.alive_stages = [Stage.TRAIN]
         assert "z" not in run(collection)
@@ -79,6 +87,16 @@ def test_every_plan_attribute_invalidates_the_collections_holding_the_brick(chan
         del collection["group"]["second"]
         assert "z" not in run(collection)
     assert collection.revision > revision
+
+
+def test_names_edited_in_place_change_the_brick_they_were_read_from_only():
+    brick = chain()["group"]["second"]
+    clone = copy.deepcopy(brick)
+    clone.input_names.append("extra")
+    mapped = BrickTrainable(Scale(1.0), input_names={"x": "a"}, output_names=["b"])
+    mapped.input_names["x"] = "c"
+    assert brick.input_names == ["y"] and clone.input_names == ["y", "extra"]
+    assert mapped.input_names == {"x": "c"} and type(pickle.loads(pickle.dumps(clone.input_names))) is list
 
 
 def test_building_unrelated_bricks_invalidates_nothing():
@@ -234,3 +252,42 @@ def test_every_called_module_gets_the_stage_mode_even_a_linear_with_a_hook():
     x = torch.rand(3, 4)
     assert torch.equal(stage({"x": x})["y"], stage({"x": x})["y"])
     assert torch.equal(linear.weight_u, u) and linear.training
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "stage module"])
+def test_a_submodule_swapped_in_after_the_first_call_runs_in_the_stage_mode(runtime):
+    """Fine-tuning replaces a layer inside a brick's model: the new dropout is off in INFERENCE, the new
+    BatchNorm learns its statistics in TRAIN, whatever mode the collection was left in."""
+    collection = BrickCollection({"head": BrickTrainable(Head(), input_names=["x"], output_names=["y"])})
+    stage = compile_stage(collection, Stage.INFERENCE) if runtime == "stage module" else None
+    call = stage or (lambda inputs: collection(inputs, Stage.INFERENCE))
+    x = torch.ones(8, 4)
+    call({"x": x})
+    collection["head"].model.fc = nn.Sequential(nn.Dropout(p=0.5), nn.Linear(4, 4))
+    collection.train()
+    assert torch.equal(call({"x": x})["y"], call({"x": x})["y"])
+    assert collection["head"].model.fc[0].training  # the caller's mode afterwards
+
+    normalized = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    collection["head"].model.fc = normalized
+    collection.eval()
+    collection({"x": torch.randn(8, 4)}, Stage.TRAIN)
+    assert normalized[1].num_batches_tracked.item() == 1 and not normalized[1].training
+
+
+@pytest.mark.parametrize("runtime", ["eager", "stage module"])
+def test_a_tensor_instead_of_a_dict_of_inputs_says_what_the_stage_takes(runtime):
+    collection = chain()
+    call = compile_stage(collection, Stage.INFERENCE) if runtime == "stage module" else \
+        (lambda inputs: collection(inputs, Stage.INFERENCE))
+    with pytest.raises(BrickGraphError, match=r"takes a dict \{input name: value\}, not a Tensor.*\['x'\]"):
+        call(torch.ones(2))

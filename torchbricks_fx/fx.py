@@ -283,7 +283,7 @@ class StageModule(nn.Module):
     def forward(self, named_inputs: dict[str, Any]) -> dict[str, Any]:
         try:
             args = self._pick_inputs(named_inputs)
-        except KeyError:
+        except (KeyError, TypeError, IndexError):  # a missing name, or no dict at all (a tensor, a list)
             check_inputs(self.plan, named_inputs)
             raise
         # The stage's modes as in BoundStage.modes(), spelled out with plain calls: cheaper on every call, and

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,24 @@ from torchbricks_fx.plan import PLAN_HINT, BrickSpec, StagePlan, closest_names
 from torchbricks_fx.stage import Stage
 
 __all__ = ["BoundStage", "BoundStep", "resize_batch"]
+
+# Submodule registrations in this process (torch's global registration hook counts them, once a stage is
+# bound): a bound stage walks its module trees again when the count moved.
+_TREE_VERSION = [0]
+_TREE_WATCH: list[Any] = []
+_is_compiling = torch.compiler.is_compiling
+
+
+def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    _TREE_VERSION[0] += 1
+
+
+def _watch_module_trees() -> None:
+    if not _TREE_WATCH:
+        from torch.nn.modules.module import register_module_module_registration_hook
+
+        _TREE_WATCH.append(register_module_module_registration_hook(_count_registration))
+
 
 # Calls of TRAIN stages in this process.  A frozen compiled stage compares it with the count at freezing:
 # a training call may change weights in ways no version counter shows (fused optimizers).
@@ -51,6 +69,7 @@ class BoundStep:
     binding: Binding
     outputs: tuple[str, ...]
     returns_dict: bool  # a metric collection returning {metric name: value}
+    result_keys: tuple[str, ...] = ()  # its metric names, in ``outputs`` order (outputs are "./name" resolved)
 
 
 def enter_modes(modules: Sequence[nn.Module], training: bool) -> list[nn.Module]:
@@ -103,19 +122,31 @@ class BoundStage:
     plan: StagePlan
     model_steps: tuple[BoundStep, ...]
     metric_steps: tuple[BoundStep, ...]
-    modules: tuple[nn.Module, ...]
+    roots: tuple[nn.Module, ...]  # the modules the model steps call
     bricks: Mapping[str, Brick]
+    _modules: list[Any] = field(default_factory=lambda: [-1, ()], repr=False)  # [tree version, modules]
 
     @classmethod
     def bind(cls, plan: StagePlan, bricks: Mapping[str, Brick]) -> BoundStage:
         """Binds ``plan`` to ``bricks`` (dotted name -> brick).  Raises ``BrickGraphError`` when a model brick
         reads a metric brick's output: metrics run after the model bricks (and outside compiled graphs)."""
         _check_metric_consumers(plan)
+        _watch_module_trees()
         live = {step.name: bricks[step.name] for step in plan.steps}
         model = tuple(_bind_step(plan.stage, spec, live[spec.name]) for spec in plan.steps if spec.in_graph)
         metrics = tuple(_bind_step(plan.stage, spec, live[spec.name]) for spec in plan.steps if not spec.in_graph)
-        called = [live[spec.name].graph_module(plan.stage) for spec in plan.steps if spec.in_graph]
-        return cls(plan, model, metrics, _unique_modules(called), live)
+        called = tuple(live[spec.name].graph_module(plan.stage) for spec in plan.steps if spec.in_graph)
+        return cls(plan, model, metrics, called, live)
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        """Every module under the called ones, walked again after any submodule was registered anywhere
+        (``model.fc = nn.Sequential(...)`` after the first call runs in the stage's mode too).  Under Dynamo
+        the last walk is used: a guard on the process-wide count would recompile on any module creation."""
+        cache = self._modules
+        if not _is_compiling() and cache[0] != _TREE_VERSION[0]:
+            cache[0], cache[1] = _TREE_VERSION[0], _unique_modules(self.roots)
+        return cache[1]
 
     @property
     def stage(self) -> Stage:
@@ -158,8 +189,10 @@ class BoundStage:
 
 
 def _bind_step(stage: Stage, spec: BrickSpec, brick: Brick) -> BoundStep:
+    returns_dict = not spec.in_graph and bool(spec.outputs)
+    keys = tuple(name.removeprefix("./") for name in brick.output_names) if returns_dict else ()
     return BoundStep(name=spec.name, fn=brick.stage_callable(stage), binding=spec.binding, outputs=spec.outputs,
-                     returns_dict=not spec.in_graph and bool(spec.outputs))
+                     returns_dict=returns_dict, result_keys=keys)
 
 
 def _unique_modules(roots: Sequence[nn.Module]) -> tuple[nn.Module, ...]:
@@ -193,7 +226,7 @@ def run_steps(steps: Sequence[BoundStep], values: dict[str, Any]) -> None:
             if len(outputs) == 1 and not isinstance(result, (tuple, dict)):
                 values[outputs[0]] = result
             elif step.returns_dict:
-                values.update((name, result[name]) for name in outputs)
+                values.update(zip(outputs, [result[key] for key in step.result_keys], strict=True))
             elif outputs:
                 values.update(zip(outputs, name_outputs(step.name, result, outputs), strict=True))
     except Exception as error:
@@ -209,6 +242,9 @@ def add_brick_note(error: BaseException, brick: str) -> None:
 
 def check_inputs(plan: StagePlan, named_inputs: Mapping[str, Any]) -> None:
     """Raises a :class:`BrickGraphError` naming each missing input and the bricks that need it."""
+    if not hasattr(named_inputs, "keys"):  # duck-typed: a TensorDict is welcome, a tensor or list is not
+        raise BrickGraphError([f"A stage takes a dict {{input name: value}}, not a {type(named_inputs).__name__}; "
+                               f"stage {plan.stage.value} needs the inputs {list(plan.required_inputs)}."])
     missing = [name for name in plan.required_inputs if name not in named_inputs]
     if not missing:
         return
