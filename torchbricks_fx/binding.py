@@ -100,3 +100,56 @@ def name_outputs(brick_name: str, result: Any, output_names: tuple[str, ...]) ->
         raise BrickOutputError(f"Brick {brick_name!r} returned {got} but declares {n_names} output names "
                                f"{list(output_names)}; return a tuple with one value per name.")
     return tuple(result)
+
+
+# ------------------------------------------------------------------------------------ names edited in place
+class _Watched:
+    """A brick's names as its getter hands them out: an edit in place (``brick.output_names.append("x")``)
+    assigns the edited names back, so that the plans holding the brick drop, as on ``brick.output_names =
+    [...]``.  A fresh object per read: copies of a brick never share one."""
+
+    _owner: Any
+    _attribute: str
+    _plain: type
+
+    def _assign_back(self, edit: Any, *args: Any) -> Any:
+        result = edit(self, *args)
+        setattr(self._owner, self._attribute, self.copy())  # type: ignore[attr-defined]
+        return result
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # pickled or copied: plain names, tied to no brick
+        return self._plain, (self.copy(),)  # type: ignore[attr-defined]
+
+
+class WatchedList(_Watched, list):
+    _plain = list
+
+    def __init__(self, names: Iterable[str], owner: Any, attribute: str) -> None:
+        list.__init__(self, names)
+        self._owner, self._attribute = owner, attribute
+
+
+class WatchedDict(_Watched, dict):
+    _plain = dict
+
+    def __init__(self, names: Mapping[str, str], owner: Any, attribute: str) -> None:
+        dict.__init__(self, names)
+        self._owner, self._attribute = owner, attribute
+
+
+def _watch(cls: type, base: type, methods: tuple[str, ...]) -> None:
+    for name in methods:
+        setattr(cls, name, _edit(getattr(base, name)))
+
+
+def _edit(method: Any) -> Any:
+    def edit(self: _Watched, *args: Any) -> Any:
+        return self._assign_back(method, *args)
+    edit.__name__ = method.__name__
+    return edit
+
+
+_watch(WatchedList, list, ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse",
+                           "__setitem__", "__delitem__", "__iadd__", "__imul__"))
+_watch(WatchedDict, dict, ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault",
+                           "__ior__"))

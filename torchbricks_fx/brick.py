@@ -23,6 +23,8 @@ from torchbricks_fx.binding import (
     STAGE_INPUT,
     Binding,
     InputNames,
+    WatchedDict,
+    WatchedList,
     name_outputs,
     normalize_input_names,
     normalize_output_names,
@@ -120,7 +122,10 @@ class Brick(PlanMember):
     # Connections are properties so that changing one invalidates the owners' plans.
     @property
     def input_names(self) -> list[str] | dict[str, str] | str:
-        return self._input_names
+        names = self._input_names
+        if isinstance(names, dict):
+            return WatchedDict(names, self, "input_names")
+        return names if isinstance(names, str) else WatchedList(names, self, "input_names")
 
     @input_names.setter
     def input_names(self, value: InputNames) -> None:
@@ -129,7 +134,7 @@ class Brick(PlanMember):
 
     @property
     def output_names(self) -> list[str]:
-        return self._output_names
+        return WatchedList(self._output_names, self, "output_names")
 
     @output_names.setter
     def output_names(self, value: list[str]) -> None:
@@ -298,7 +303,8 @@ class BrickMetrics(Brick):
         if not isinstance(metric_collection, MetricCollection):
             raise BrickGraphError([f"BrickMetrics needs a torchmetrics MetricCollection or a dict of metrics, "
                                    f"not {type(metric_collection).__name__}; use BrickMetricSingle for one metric."])
-        output_names = [str(name) for name in metric_collection] if return_metrics else []
+        # Relative ("./Accuracy"): in a reused group each copy names its own, as summarize keys them.
+        output_names = [f"./{name}" for name in metric_collection] if return_metrics else []
         super().__init__(input_names, output_names, alive_stages, default_stages=LOSS_STAGES)
         self.return_metrics = return_metrics
         self.metrics = nn.ModuleDict({stage.name: metric_collection.clone() for stage in Stage
