@@ -163,6 +163,11 @@ def test_unknown_requested_output_points_to_plan(multitask):
         multitask.plan(Stage.INFERENCE, outputs=["logit"])
 
 
+def test_a_string_of_outputs_is_refused_not_split_into_characters(multitask):
+    with pytest.raises(BrickGraphError, match=r"did you mean \['seg'\]"):
+        multitask.plan(Stage.INFERENCE, outputs="seg")  # 's', 'e', 'g' would be looked up otherwise
+
+
 def test_check_reports_every_problem_at_once():
     collection = BrickCollection({
         "a": linear(["x"], ["y"]), "b": linear(["x"], ["y"]),           # duplicate producer

@@ -154,6 +154,9 @@ class BrickCollection(nn.ModuleDict, PlanMember):
     def bound_stage(self, stage: Stage | str, outputs: Sequence[str] | None = None) -> BoundStage:
         """The stage's plan bound to this collection's bricks, built once and kept until a brick changes."""
         stage = parse_stage(stage)
+        if isinstance(outputs, str):  # a string is a sequence too: its characters would be the outputs
+            raise BrickGraphError([f"outputs must be a list of value names, not the string {outputs!r} (did you "
+                                   f"mean [{outputs!r}]?)."])
         key = (stage, None if outputs is None else tuple(outputs))
         bound = self._bound.get(key)
         if bound is None:
