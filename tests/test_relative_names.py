@@ -184,3 +184,24 @@ def test_summarize_keeps_the_metrics_of_two_nested_groups_apart() -> None:
     collection(inputs(), Stage.VALIDATION)
     metrics = collection.summarize(Stage.VALIDATION)
     assert set(metrics) == {"a/accuracy", "b/accuracy"}
+
+
+@pytest.mark.parametrize("runtime", ["eager", "stage module"])
+def test_returned_metrics_are_named_like_their_summaries_in_reused_groups(runtime: str) -> None:
+    def group(n_classes: int) -> dict[str, Any]:
+        heads = head_group(n_classes)
+        heads["accuracy"] = BrickMetricSingle(MulticlassAccuracy(num_classes=n_classes), metric_name="accuracy",
+                                              input_names=["./logits", "targets"], return_metrics=True)
+        return heads
+
+    torch.manual_seed(0)
+    collection = BrickCollection({"backbone": BrickTrainable(nn.Linear(5, 4), input_names=["raw"],
+                                                             output_names=["features"]),
+                                  "a": group(3), "b": group(2)})
+    stage = compile_stage(collection, Stage.VALIDATION) if runtime == "stage module" else \
+        (lambda named: collection(named, Stage.VALIDATION))
+    outputs = stage(inputs())
+    summary = collection.summarize(Stage.VALIDATION)
+    assert {"a/accuracy", "b/accuracy"} <= outputs.keys() and "accuracy" not in outputs
+    for name in ("a/accuracy", "b/accuracy"):
+        torch.testing.assert_close(outputs[name], summary[name])

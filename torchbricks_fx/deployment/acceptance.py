@@ -11,6 +11,7 @@ provides: anything else is an error before any work.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -153,8 +154,7 @@ class MetricGate:
         """The metrics over every batch with ``run``'s outputs (fresh metric states), as floats, and the
         names of metrics left out (results that are not 0-D or 1-D)."""
         fresh = {brick.name: _fresh(self.bricks[brick.name]) for brick in self._metric_bricks}
-        steps = [BoundStep(b.name, fresh[b.name].stage_callable(self.stage), b.step.binding, b.step.outputs,
-                           b.step.returns_dict) for b in self._metric_bricks]
+        steps = [dataclasses.replace(b.step, fn=fresh[b.name].stage_callable(self.stage)) for b in self._metric_bricks]
         for batch in batches:
             outputs = run({name: batch[name] for name in self.inputs})
             values = {**batch, **{n: v.cpu() for n, v in outputs.items()}, STAGE_INPUT: self.stage}
