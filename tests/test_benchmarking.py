@@ -134,6 +134,19 @@ def test_train_stage_runs_with_its_inputs(collection):
     assert [r.stage for r in results] == ["train", "train"] and not any(r.failed for r in results)
 
 
+def test_train_with_dropout_matches_eager_and_leaves_the_random_generator_as_it_was(collection):
+    # "body" has Dropout(0.5): every compared call must draw the same mask as eager's reference.
+    named_inputs = {"x": torch.randn(4, 4), "targets": torch.tensor([0, 1, 1, 0])}
+    before = torch.get_rng_state()
+    results = benchmark(collection, named_inputs, stage="train", backends=["eager", "fx"], batch_sizes=[4, 6],
+                        min_run_time=FAST)
+    assert [(r.backend, r.matched, r.max_abs_error) for r in results] == [
+        ("eager", True, 0.0), ("eager", True, 0.0), ("fx", True, 0.0), ("fx", True, 0.0)]
+    assert torch.equal(torch.get_rng_state(), before)
+    profile_bricks(collection, named_inputs, stage="train", min_run_time=FAST)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_progress_reports_each_backend_and_batch_size(collection, inputs):
     lines: list[str] = []
     benchmark(collection, inputs, backends=["eager", "fx"], batch_sizes=[1, 2], min_run_time=FAST,

@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch.utils.benchmark import Timer
@@ -39,8 +39,10 @@ if TYPE_CHECKING:
 __all__ = ["BenchmarkResult", "BrickProfile", "benchmark", "profile_bricks", "resize_batch", "time_statement"]
 
 WARMUP_CALLS = 3
+COMPARE_SEED = 0
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,26 @@ def moved_to(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _kept_rng(device: torch.device) -> Iterator[None]:
+    """Restores the RNG state of the CPU (and of ``device`` when it is CUDA) after the block: timing a stage
+    with dropout draws random numbers, which must not change what the caller's code draws next."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+
+
+def _seeded_call(fn: Callable[[], T], device: torch.device) -> T:
+    """``fn()`` from the RNG state every compared call starts from (eager's reference, each backend's
+    outputs): a stage that draws random numbers (TRAIN's dropout) then draws the same ones on every backend
+    that uses torch's generators.  Only the compared calls pay for this, never the timed ones."""
+    with _kept_rng(device):
+        # Not torch.manual_seed: it also seeds every other CUDA device, which _kept_rng does not restore.
+        torch.default_generator.manual_seed(COMPARE_SEED)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(COMPARE_SEED)  # the current device is ``device`` (_on_cuda_device)
+        return fn()
+
+
 # --------------------------------------------------------------------------------------------- timing
 def time_statement(stmt: str, globals: Mapping[str, Any], *, threads: int, min_run_time: float,
                    label: str = "", description: str = "") -> Any:
@@ -209,7 +231,7 @@ def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping
     count = runner.compile_count or (lambda: 0)
     before = count()
     warmup = _warm_up(runner, bound, device)
-    matched, error = compare_outputs(reference, bound.fetch(), device)
+    matched, error = compare_outputs(reference, _seeded_call(bound.fetch, device), device)
     warm = count()
     measurement = time_statement(bound.stmt, bound.globals, threads=base.threads, min_run_time=min_run_time,
                                  label=base.stage, description=runner.name)
@@ -295,8 +317,8 @@ def machine_load(progress: Progress | None = None, warn: bool = False) -> float 
 
 
 def _reference_outputs(collection: BrickCollection, stage: Stage, named_inputs: Mapping[str, Any],
-                       outputs: Sequence[str]) -> dict[str, torch.Tensor]:
-    values = collection(dict(named_inputs), stage=stage)
+                       outputs: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    values = _seeded_call(lambda: collection(dict(named_inputs), stage=stage), device)
     return {n: values[n].detach().cpu() for n in outputs if isinstance(values.get(n), torch.Tensor)}
 
 
@@ -320,8 +342,10 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
     same inputs.  A backend that fails is reported with ``failed=True`` and the reason; the others still run.
     ``progress`` receives one line of text per step.  Buffers (BatchNorm statistics) and metric states are
     restored afterwards, so timing TRAIN or a stage with metrics leaves the collection as it was (only
-    forward calls are timed).  Unknown backends or devices raise ``BrickBackendError``
-    before any work; an invalid stage raises ``BrickGraphError``.
+    forward calls are timed), and so is the random number generator.  Eager's reference and each backend's
+    compared call start from one RNG state, so TRAIN's dropout draws the same numbers in both (where the
+    backend draws from torch's generators: Inductor and ONNX Runtime draw their own).  Unknown backends or
+    devices raise ``BrickBackendError`` before any work; an invalid stage raises ``BrickGraphError``.
     """
     stage = parse_stage(stage)
     dev = parse_device(device)
@@ -341,9 +365,9 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
     def inputs(bs: int) -> dict[str, Any]:
         return _to_device(resize_batch(named_inputs, bs, order), dev)
 
-    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev):
+    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), _kept_rng(dev):
         machine_load(report, warn=True)
-        references = {bs: _reference_outputs(collection, stage, inputs(bs), plan.outputs) for bs in sizes}
+        references = {bs: _reference_outputs(collection, stage, inputs(bs), plan.outputs, dev) for bs in sizes}
         results: list[BenchmarkResult] = []
         for name in names:
             results += _run_backend(name, collection, stage, plan.outputs, inputs, references, device=dev,
@@ -363,7 +387,7 @@ def profile_bricks(collection: BrickCollection, named_inputs: Mapping[str, Any],
     stage = parse_stage(stage)
     dev = parse_device(device)
     bound = collection.bound_stage(stage, outputs)
-    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev):
+    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), _kept_rng(dev):
         values = bound.run(_to_device(named_inputs, dev))
         timings = []
         with bound.modes():
