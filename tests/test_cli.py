@@ -124,7 +124,8 @@ def test_export_writes_a_verified_onnx_file(capsys, tmp_path):
 
     # export_onnx refuses an existing file before any export work: a BrickExportError, so exit code 1.
     code, _, err = run(capsys, "export", EXAMPLE, "-o", str(target))
-    assert code == 1 and "already exists; pass overwrite=True" in err and "Traceback" not in err
+    assert code == 1 and "already exists; pass --overwrite to replace it" in err and "Traceback" not in err
+    assert "overwrite=True" not in err  # the Python API's wording, not the command line's
 
     code, out, _ = run(capsys, "export", EXAMPLE, "-o", str(target), "--overwrite", "--no-dynamic-batch")
     assert code == 0 and "dynamic batch: False" in out
@@ -234,6 +235,95 @@ def test_unknown_command_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["deploy", EXAMPLE])
     assert exit_info.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------- deploy's arguments
+DEPLOY_MODEL = """
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+    from torchmetrics.classification import MulticlassAccuracy
+    from torchbricks_fx import BrickCollection, BrickMetricSingle, BrickTrainable
+
+    def build():
+        Path(__file__).with_name("build_ran").touch()  # a real build() may train for minutes
+        return BrickCollection({"head": BrickTrainable(nn.Linear(4, 3), ["x"], ["logits"]),
+                                "accuracy": BrickMetricSingle(MulticlassAccuracy(num_classes=3),
+                                                              ["logits", "targets"])}), {"x": torch.randn(2, 4)}
+
+    def validation():
+        return [{"x": torch.randn(2, 4), "targets": torch.tensor([0, 1])}]
+
+    def without_targets():
+        return [{"x": torch.randn(2, 4)}]
+"""
+
+
+@pytest.fixture
+def deploy_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "model.py").write_text(textwrap.dedent(DEPLOY_MODEL))
+    (tmp_path / "logs").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "logs"))  # where output_to_log keeps its logs
+    return tmp_path / "model.py"
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--candidates", "onnxruntime,tensorrt"], "Unknown candidate(s) ['tensorrt']; valid candidates: onnxruntime"),
+    (["--threads", "0"], "--threads must be a positive integer"),
+    (["--min-run-time", "0"], "--min-run-time must be positive and finite"),
+    (["--metric-stage", "bogus"], "Unknown stage 'bogus'"),
+    (["--device", "gpu"], "Unknown device 'gpu'"),
+    (["--validation", "{d}/model.py:nope"], "defines no function 'nope'"),
+])
+def test_deploy_refuses_bad_arguments_before_the_build_runs(capsys, deploy_model, extra, fragment):
+    argv = ["deploy", str(deploy_model), "--validation", str(deploy_model), "-o", str(deploy_model.parent / "bundle"),
+            *[a.format(d=deploy_model.parent) for a in extra]]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, fragment)
+    assert not (deploy_model.parent / "build_ran").exists()
+    assert "full output is in" not in err and not any((deploy_model.parent / "logs").iterdir())
+
+
+def test_deploy_input_errors_after_the_build_leave_no_log(capsys, deploy_model):
+    argv = ["deploy", str(deploy_model), "--validation", f"{deploy_model}:without_targets", "-o",
+            str(deploy_model.parent / "bundle")]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, "has no 'targets'")
+    assert "full output is in" not in err and not any((deploy_model.parent / "logs").iterdir())
+
+
+def test_deploy_refuses_an_existing_folder_in_the_command_lines_words(capsys, deploy_model):
+    (deploy_model.parent / "bundle").mkdir()
+    code, _, err = run(capsys, "deploy", str(deploy_model), "--max-metric-drop", "none", "-o",
+                       str(deploy_model.parent / "bundle"))
+    assert code == 1 and "bundle already exists; pass --overwrite to replace it" in err
+    assert "overwrite=True" not in err and not (deploy_model.parent / "build_ran").exists()
+
+
+# ------------------------------------------------------------------------------------------- no torch
+NO_TORCH_ERRORS = [
+    (["bench", EXAMPLE, "--backends", "eager,fx,tensorrt"], "Unknown backend(s) 'tensorrt'"),
+    (["bench", EXAMPLE, "--stage", "deploy"], "Unknown stage 'deploy'"),
+    (["bench", EXAMPLE, "--device", "tpu"], "Unknown device 'tpu'"),
+    (["bench", EXAMPLE, "--threads", "0"], "--threads must be a positive integer"),
+    (["export", EXAMPLE, "--stage", "deploy", "-o", "{d}/x.onnx"], "Unknown stage 'deploy'"),
+    (["deploy", EXAMPLE, "--candidates", "tensorrt", "--max-metric-drop", "none", "-o", "{d}/b"], "'tensorrt'"),
+    (["lock", EXAMPLE, "-o", "{d}"], "it is a folder"),
+]
+
+
+def test_argument_errors_answer_without_importing_torch(tmp_path):
+    argvs = [[a.format(d=tmp_path) for a in argv] for argv, _ in NO_TORCH_ERRORS]
+    script = ("import json, sys\nsys.modules['torch'] = None  # importing torch now fails\n"
+              "from torchbricks_fx.cli import main\nprint(json.dumps([main(a) for a in json.loads(sys.argv[1])]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert json.loads(done.stdout) == [2] * len(argvs), done.stderr
+    for _, fragment in NO_TORCH_ERRORS:
+        assert fragment in done.stderr
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------------- as a program

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from torchbricks_fx.backends import BACKENDS, CUDA_ONLY_BACKENDS, DEFAULT_BACKENDS
-from torchbricks_fx.cli.common import STAGES, TARGET_HELP, CliError, ints, load_build, names, progress_printer, stage
+from torchbricks_fx.cli.common import (
+    STAGES,
+    TARGET_HELP,
+    CliError,
+    check_backend_names,
+    check_device_name,
+    check_timing,
+    ints,
+    load_build,
+    names,
+    progress_printer,
+    stage,
+)
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -54,6 +65,14 @@ def _check_destinations(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Every argument is checked before torch is imported (argument errors answer at once), then the device.
+    chosen = stage(args.stage)
+    outputs = names(args.outputs)
+    batch_sizes = ints(args.batch_sizes, "--batch-sizes")
+    check_timing(args.threads, args.min_run_time)
+    check_backend_names(args.backends)
+    check_device_name(args.device)
+    _check_destinations(args)
     # torch.utils.benchmark imports cpp_extension, which logs a warning on machines without CUDA.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torchbricks_fx import benchmarking, reporting
@@ -61,14 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from torchbricks_fx.files import write_text
 
     progress = progress_printer("bench")
-    chosen = stage(args.stage)
     device = parse_device(args.device)  # validated before the (possibly slow) build
     backends = parse_backends(args.backends, device)
-    outputs = names(args.outputs)
-    batch_sizes = ints(args.batch_sizes, "--batch-sizes")
-    if not 0 < args.min_run_time < math.inf:
-        raise CliError(f"--min-run-time must be positive and finite, not {args.min_run_time}.")
-    _check_destinations(args)
     collection, named_inputs = load_build(args.file)
     results = benchmarking.benchmark(collection, named_inputs, stage=chosen, outputs=outputs, backends=backends,
                                      device=device, batch_sizes=batch_sizes, threads=args.threads,

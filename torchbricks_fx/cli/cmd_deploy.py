@@ -9,13 +9,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torchbricks_fx.backends import DEPLOY_CANDIDATES
+from torchbricks_fx.backends import DEPLOY_CANDIDATES, parse_device
 from torchbricks_fx.cli.common import (
     DEFAULT_FUNCTION,
     STAGES,
     TARGET_HELP,
     CliError,
     call_user_function,
+    check_device_name,
+    check_timing,
     ints,
     load_build,
     load_function,
@@ -79,11 +81,24 @@ def metric_budget(text: str) -> float | dict[str, float] | None:
     return budgets
 
 
-def _validation(spec: str) -> Any:
-    path, function = split_target(spec)
+def _candidates(text: str | None) -> list[str] | None:
+    """``--candidates``, checked without torch (``deploy`` checks them again, after the build)."""
+    chosen = names(text)
+    unknown = [name for name in chosen or () if name not in DEPLOY_CANDIDATES]
+    if unknown:
+        raise CliError(f"Unknown candidate(s) {unknown}; valid candidates: {', '.join(DEPLOY_CANDIDATES)}.")
+    return chosen
+
+
+def _validation_function(spec: str) -> tuple[Path, str, Any]:
+    """The function named by ``--validation``, found before the build (called after it)."""
+    _, function = split_target(spec)
     if function == DEFAULT_FUNCTION and not spec.endswith(f":{DEFAULT_FUNCTION}"):
-        spec, function = f"{spec}:{VALIDATION_FUNCTION}", VALIDATION_FUNCTION
-    path, function, fn = load_function(spec, BATCHES)
+        spec = f"{spec}:{VALIDATION_FUNCTION}"
+    return load_function(spec, BATCHES)
+
+
+def _batches(path: Path, function: str, fn: Any) -> Any:
     batches = call_user_function(path, function, fn)
     if isinstance(batches, Mapping) or not hasattr(batches, "__iter__"):
         raise CliError(f"{function}() in {str(path)!r} must return {BATCHES}; it returned a "
@@ -91,29 +106,41 @@ def _validation(spec: str) -> Any:
     return batches
 
 
-def run(args: argparse.Namespace) -> int:
-    from torchbricks_fx.backends import parse_device
-    from torchbricks_fx.deployment import deploy
+def _arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``deploy``'s keyword arguments from the command line, every one checked before the build (which may
+    train a model for minutes) and without importing torch, except the device's availability."""
     from torchbricks_fx.files import check_destination
 
-    chosen = stage(args.stage)
-    metric_stage = stage(args.metric_stage) if args.metric_stage else None
     budget = metric_budget(args.max_metric_drop)
     if budget is not None and not args.validation:
         raise CliError("--validation FILE:FUNCTION is needed to judge candidates by the collection's metrics; or pass "
                        "--max-metric-drop none to decide by export tolerance alone (float32 candidates only).")
-    device = parse_device(args.device)
-    batch_sizes = ints(args.batch_sizes, "--batch-sizes")
-    check_destination(Path(args.output), args.overwrite, BrickDeployError, is_folder=True)  # before the build
+    chosen = {"stage": stage(args.stage), "outputs": names(args.outputs), "max_metric_drop": budget,
+              "metric_stage": stage(args.metric_stage) if args.metric_stage else None,
+              "candidates": _candidates(args.candidates), "batch_sizes": ints(args.batch_sizes, "--batch-sizes"),
+              "threads": args.threads, "min_run_time": args.min_run_time, "overwrite": args.overwrite}
+    check_timing(args.threads, args.min_run_time)
+    check_device_name(args.device)
+    check_destination(Path(args.output), args.overwrite, BrickDeployError, is_folder=True)
+    return {**chosen, "device": parse_device(args.device)}  # imports torch: after the checks that need none
+
+
+def run(args: argparse.Namespace) -> int:
+    arguments = _arguments(args)
+    validation = _validation_function(args.validation) if args.validation else None
     collection, named_inputs = load_build(args.file)
-    validation = _validation(args.validation) if args.validation else None
+    from torchbricks_fx.deployment import deploy
+    from torchbricks_fx.deployment.acceptance import metric_stage_of
+
+    # What the collection alone can refuse, before the validation batches are read (possibly slow).
+    collection.plan(arguments["stage"], arguments["outputs"])
+    if arguments["max_metric_drop"] is not None:
+        metric_stage_of(collection, arguments["metric_stage"])
+    batches = _batches(*validation) if validation else None
     with terminal_stderr() as terminal:
         progress = progress_printer("deploy", terminal)
         with output_to_log("deploy"):  # exporters and quantizers print; the terminal gets progress lines only
-            report = deploy(collection, args.output, named_inputs, stage=chosen, outputs=names(args.outputs),
-                            validation=validation, max_metric_drop=budget, metric_stage=metric_stage,
-                            candidates=names(args.candidates), device=device, batch_sizes=batch_sizes,
-                            threads=args.threads, min_run_time=args.min_run_time, overwrite=args.overwrite,
-                            progress=progress)
+            report = deploy(collection, args.output, named_inputs, validation=batches, progress=progress,
+                            **arguments)
     print(report.to_markdown(), end="")
     return 0

@@ -33,13 +33,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from torchbricks_fx.export import export_onnx
     from torchbricks_fx.files import check_destination
 
     chosen = stage(args.stage)
     outputs = names(args.outputs)
     output = Path(args.output)
     check_destination(output, args.overwrite, BrickExportError)  # before the (possibly slow) build
+    from torchbricks_fx.export import export_onnx  # imports torch: after the argument checks
+
     collection, named_inputs = load_build(args.file)
     collection.plan(chosen, outputs)  # graph problems are reported before any export work
     print(f"exporting stage {chosen.value} of {args.file} to {output} ...", file=sys.stderr)

@@ -50,13 +50,13 @@ def _build_lock(target: str, onnx_ops: bool) -> Lock:
 def _previous_lock(path: Path, overwrite: bool) -> Lock | None:
     """The lock file being replaced (to print what changed); refuses, before any work, to replace a file
     that is not a lock file (a mistyped ``-o model.py``) unless ``--overwrite``."""
-    from torchbricks_fx.errors import BrickLockError
-    from torchbricks_fx.lockfile_format import SCHEMA_PREFIX, read_lock
-
     if path.is_dir():
         raise CliError(f"Cannot write {path}: it is a folder; give a file path, e.g. {path / 'bricks.lock.json'}.")
     if not path.exists() or overwrite:
         return None
+    from torchbricks_fx.errors import BrickLockError
+    from torchbricks_fx.lockfile_format import SCHEMA_PREFIX, read_lock  # imports torch: only for an existing file
+
     try:
         return read_lock(path)
     except BrickLockError:
@@ -68,12 +68,12 @@ def _previous_lock(path: Path, overwrite: bool) -> Lock | None:
 
 
 def run_lock(args: argparse.Namespace) -> int:
-    from torchbricks_fx.lockfile_diff import diff_locks, render_lock_diff
-    from torchbricks_fx.lockfile_format import write_lock
-
     progress = progress_printer("lock")
     output = Path(args.output)
     previous = _previous_lock(output, args.overwrite)
+    from torchbricks_fx.lockfile_diff import diff_locks, render_lock_diff  # imports torch: after the checks
+    from torchbricks_fx.lockfile_format import write_lock
+
     new = _build_lock(args.file, args.onnx_ops)
     write_lock(new, output)
     progress(f"wrote {output}: {len(new.stages)} stages, {len(new.bricks)} bricks")

@@ -6,17 +6,21 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from torchbricks_fx.errors import BrickError, add_note
 from torchbricks_fx.stage import Stage
 
 if TYPE_CHECKING:
+    import torch
+
     from torchbricks_fx.collection import BrickCollection
 
 PROG = "torchbricks-fx"
@@ -174,28 +178,57 @@ def stage(text: str) -> Stage:
     return parse_stage(text)  # BrickGraphError lists the valid stages
 
 
+# Argument errors answer without importing torch (about 5 s): these checks come before parse_device.
+def check_device_name(text: str) -> None:
+    """Refuses a device that is not ``cpu``, ``cuda`` or ``cuda:N`` (``parse_device`` checks the rest)."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise CliError(f"Unknown device {text!r}; valid devices: 'cpu', 'cuda', 'cuda:N'.")
+
+
+# parse_backends reads only ``device.type``: on a CUDA stand-in it checks the names alone.
+_EVERY_BACKEND = cast("torch.device", SimpleNamespace(type="cuda"))
+
+
+def check_backend_names(text: str) -> None:
+    """Refuses unknown backend names (whether they fit the device is checked once it is parsed)."""
+    from torchbricks_fx.backends import parse_backends
+
+    parse_backends(text, _EVERY_BACKEND)
+
+
+def check_timing(threads: int | None, min_run_time: float) -> None:
+    if threads is not None and threads < 1:
+        raise CliError(f"--threads must be a positive integer, not {threads}.")
+    if not 0 < min_run_time < math.inf:
+        raise CliError(f"--min-run-time must be positive and finite, not {min_run_time}.")
+
+
 # --------------------------------------------------------------------------------------------- errors
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or "(no message)"
 
 
 def paragraph(error: BaseException) -> str:
-    """The error's message and notes as one paragraph (no blank lines; list items kept on their own lines)."""
+    """The error's message and notes as one paragraph (no blank lines; list items kept on their own lines),
+    in the command line's terms: the library's "pass overwrite=True" is ``--overwrite`` here."""
     notes = [note for note in getattr(error, "__notes__", ()) if isinstance(note, str)]
-    return "\n".join(line for line in [*str(error).splitlines(), *notes] if line.strip())
+    text = "\n".join(line for line in [*str(error).splitlines(), *notes] if line.strip())
+    return text.replace("pass overwrite=True", "pass --overwrite")
 
 
 @contextlib.contextmanager
 def output_to_log(what: str) -> Iterator[Path]:
     """Sends everything written to stdout and stderr (Python and native code) to a log file for the block:
     exporters print progress and, on failure, long graph dumps.  The log is removed when the block
-    succeeds; on failure its path is added to the error as a note."""
+    succeeds or left empty (an argument refused before any work); otherwise, on failure, its path is added
+    to the error as a note."""
     handle, name = tempfile.mkstemp(prefix=f"{PROG}-{what}-", suffix=".log")
     log = Path(name)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    failed = False
+    failure: BaseException | None = None
     try:
         os.dup2(handle, 1)
         os.dup2(handle, 2)
@@ -203,8 +236,7 @@ def output_to_log(what: str) -> Iterator[Path]:
                 contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
             yield log
     except BaseException as error:
-        failed = True
-        add_note(error, f"(the {what}'s full output is in {log})")
+        failure = error
         raise
     finally:
         sys.stdout.flush()
@@ -213,5 +245,7 @@ def output_to_log(what: str) -> Iterator[Path]:
         os.dup2(saved[1], 2)
         for fd in (*saved, handle):
             os.close(fd)
-        if not failed:
+        if failure is not None and log.is_file() and log.stat().st_size > 0:
+            add_note(failure, f"(the {what}'s full output is in {log})")
+        else:
             log.unlink(missing_ok=True)
