@@ -7,16 +7,20 @@ when complete, so a failure or a kill never leaves a half-written artifact under
 * :func:`staged_folder`: a whole folder, swapped in so that at every instant the destination holds either
   the complete old folder or the complete new one (an atomic exchange where the OS has one; otherwise a
   backup that the next access restores, see :func:`recover_folder`);
+* :func:`staged_set`: a set of files written together into a folder that may hold other files (the
+  per-brick weights): only the previous write's files are replaced or removed, the rest of the folder stays;
 * :func:`write_text`: a small text file (JSON, Markdown).
 
-Staging folders are named ``.<name>.tbfx-<pid>-<random>.<kind>``; the next write to the same place removes
-those whose process is gone (a killed export or save).
+Staging folders are created like ``os.makedirs`` would (mode ``0o777`` less the umask), so a folder swapped
+in whole is as readable as any other.  They are named ``.<name>.tbfx-<pid>-<random>.<kind>``; the next write
+to the same place removes those whose process is gone (a killed export or save).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import sys
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from torchbricks_fx.errors import BrickError
 
-__all__ = ["recover_folder", "staged_file", "staged_folder", "write_text"]
+__all__ = ["recover_folder", "recover_set", "staged_file", "staged_folder", "staged_set", "write_text"]
 
 _TAG = "tbfx"
 
@@ -36,7 +40,14 @@ def _staging_prefix(name: str) -> str:
 
 
 def _make_staging(path: Path, kind: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=_staging_prefix(path.name), suffix=f".{kind}", dir=path.parent))
+    # Not tempfile.mkdtemp: its 0o700 would stay on a folder swapped in whole (bundles, new weights folders).
+    while True:
+        staging = path.parent / f"{_staging_prefix(path.name)}{os.urandom(4).hex()}.{kind}"
+        try:
+            staging.mkdir(mode=0o777)  # less the umask
+        except FileExistsError:
+            continue
+        return staging
 
 
 def _owner_pid(staging: Path, name: str) -> int | None:
@@ -79,11 +90,12 @@ def check_destination(path: Path, overwrite: bool, error: type[BrickError] = Bri
 
 
 @contextlib.contextmanager
-def staged_file(path: str | os.PathLike[str], overwrite: bool,
-                error: type[BrickError] = BrickError) -> Iterator[Path]:
+def staged_file(path: str | os.PathLike[str], overwrite: bool, error: type[BrickError] = BrickError,
+                sidecars: Sequence[str] = ()) -> Iterator[Path]:
     """Yields a path in a private folder next to ``path``; when the block succeeds, moves what was written
-    there into place (sidecars first, the main file last).  Removes the folder in any case, and the
-    folders it created when nothing was written."""
+    there into place (sidecars first, the main file last).  ``sidecars`` names the files beside ``path``
+    that belong to it (``model.onnx.data``): replacing, those the new write lacks are removed.  Removes the
+    folder in any case, and the folders it created when nothing was written."""
     path = Path(path)
     check_destination(path, overwrite, error)
     created = _make_parents(path.parent)
@@ -92,7 +104,7 @@ def staged_file(path: str | os.PathLike[str], overwrite: bool,
     committed = False
     try:
         yield staging / path.name
-        _commit(staging, path, overwrite, error)
+        _commit(staging, path, overwrite, error, sidecars)
         committed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -116,17 +128,17 @@ def _make_parents(folder: Path) -> list[Path]:
     return missing
 
 
-def _commit(staging: Path, path: Path, overwrite: bool, error: type[BrickError]) -> None:
+def _commit(staging: Path, path: Path, overwrite: bool, error: type[BrickError], sidecars: Sequence[str]) -> None:
     """Moves the staged files next to ``path``: sidecars first, the main file last, so a partial move never
     leaves a loadable new artifact.  Replacing, the files it replaces are kept until the main file is in
-    place and put back on failure; the previous file's ``<name>.data`` that the new one lacks is removed
-    only after the new file is in place."""
+    place and put back on failure; the previous file's ``sidecars`` that the new one lacks are removed only
+    after the new file is in place."""
     folder = path.parent
     names = [*sorted(p.name for p in staging.iterdir() if p.name != path.name), path.name]
     if not overwrite:
         _move_all_new(staging, folder, names, error)
         return
-    stale = [folder / n for n in (f"{path.name}.data",) if n not in names and (folder / n).exists()]
+    stale = [folder / n for n in sidecars if n not in names and (folder / n).exists()]
     previous = Path(tempfile.mkdtemp(prefix=".previous.", dir=staging))  # removed with the staging folder
     kept = {name: _keep(folder / name, previous / name) for name in names if (folder / name).exists()}
     moved: list[str] = []
@@ -246,3 +258,107 @@ def _exchange(first: Path, second: Path) -> bool:
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     result = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
     return result == 0
+
+
+# ------------------------------------------------------------------------------------------- file sets
+@contextlib.contextmanager
+def staged_set(folder: str | os.PathLike[str], name: str, error: type[BrickError] = BrickError) -> Iterator[Path]:
+    """Yields an empty staging folder for a set of files written together (``name`` says which set).  When
+    the block succeeds, the staged files replace, inside ``folder``, the files of the set's previous write
+    (listed in the hidden manifest ``.<name>.tbfx.json``); every other file of ``folder`` stays.
+
+    A new folder is renamed into place whole.  Into an existing one, the staging folder (inside it) is first
+    marked complete by a rename, the commit point, and then its files are moved in; a process killed while
+    moving them leaves the complete new set staged, which :func:`recover_set` moves in on the next access."""
+    folder = Path(folder)
+    check_destination(folder, True, error, is_folder=True)
+    if not folder.exists():
+        with _new_folder(folder) as staging:
+            yield staging
+            _write_manifest(staging, name)
+        return
+    recover_set(folder, name)
+    staging = _make_staging(folder / name, "tmp")
+    try:
+        yield staging
+        _check_targets(staging, folder, error)
+        _write_manifest(staging, name)
+        ready = staging.with_name(staging.name.removesuffix(".tmp") + ".ready")
+        os.rename(staging, ready)  # the commit point
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _complete_set(folder, name, ready)
+
+
+def recover_set(folder: str | os.PathLike[str], name: str) -> None:
+    """Moves in the complete sets that a process killed after the commit point left staged in ``folder``
+    (oldest first, so the newest wins), and removes the staging of killed writes that had not committed."""
+    folder = Path(folder)
+    readies = sorted(folder.glob(f".{name}.{_TAG}-*.ready"), key=lambda p: p.stat().st_mtime)
+    for ready in readies:
+        pid = _owner_pid(ready, name)
+        if pid is None or pid == os.getpid() or not _alive(pid):  # our own: a completion that raised
+            _complete_set(folder, name, ready)
+    remove_stale_staging(folder / name)
+
+
+@contextlib.contextmanager
+def _new_folder(folder: Path) -> Iterator[Path]:
+    created = _make_parents(folder.parent)
+    remove_stale_staging(folder)
+    staging = _make_staging(folder, "tmp")
+    done = False
+    try:
+        yield staging
+        os.rename(staging, folder)  # fails rather than replace a folder created meanwhile (unless empty)
+        done = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in reversed(created if not done else []):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def _manifest(folder: Path, name: str) -> Path:
+    return folder / f".{name}.{_TAG}.json"
+
+
+def _write_manifest(staging: Path, name: str) -> None:
+    files = sorted(p.name for p in staging.iterdir())
+    _manifest(staging, name).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
+
+
+def _listed(manifest: Path) -> set[str]:
+    """The plain file names a manifest lists; none when it is missing or unreadable (nothing is removed)."""
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {f for f in files if isinstance(f, str) and f not in ("", ".", "..", manifest.name) and Path(f).name == f}
+
+
+def _check_targets(staging: Path, folder: Path, error: type[BrickError]) -> None:
+    """Refuses, before the commit point, a set whose files would replace folders (the move would fail)."""
+    blocked = sorted(p.name for p in staging.iterdir() if (folder / p.name).is_dir())
+    if blocked:
+        raise error(f"Cannot write {blocked} in {folder}: they are folders there; nothing was changed.")
+
+
+def _complete_set(folder: Path, name: str, ready: Path) -> None:
+    """Moves a committed set in: its files, then the removal of the previous set's files it lacks, then its
+    manifest, then the staging folder.  Idempotent, so a kill at any step is completed by running it again."""
+    manifest, staged_manifest = _manifest(folder, name), _manifest(ready, name)
+    moved = contextlib.suppress(FileNotFoundError)  # by another thread completing the same set
+    for staged in sorted(ready.iterdir()) if ready.is_dir() else ():
+        if staged.name != manifest.name:
+            with moved:
+                os.replace(staged, folder / staged.name)
+    if staged_manifest.exists():  # else it is in place already, and so is everything before it
+        new = _listed(staged_manifest)
+        for gone in sorted(_listed(manifest) - new):
+            if not (folder / gone).is_dir():
+                (folder / gone).unlink(missing_ok=True)
+        with moved:
+            os.replace(staged_manifest, manifest)
+    shutil.rmtree(ready, ignore_errors=True)

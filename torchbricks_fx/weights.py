@@ -1,7 +1,7 @@
 """Per-brick weights: one ``<brick name>.pt`` file per brick in a folder, saved crash-safely.
 
-``save_bricks`` writes the new folder next to the old one and swaps it in (``files.staged_folder``): at
-every instant the destination holds either the complete old weights or the complete new ones.
+``save_bricks`` stages the new files and moves them in only once all are written (``files.staged_set``): the
+destination holds either the complete old weights or the complete new ones, and any other file in it stays.
 ``load_bricks`` checks every file against its brick before loading any, so nothing is half-loaded.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchbricks_fx.errors import BrickError, add_note, error_summary
-from torchbricks_fx.files import recover_folder, staged_folder
+from torchbricks_fx.files import recover_folder, recover_set, staged_set
 
 if TYPE_CHECKING:
     from torchbricks_fx.brick import Brick
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["load_bricks", "save_bricks"]
 
 WEIGHTS_SUFFIX = ".pt"
+_SET = "bricks"  # the name of the weights' file set in the folder (its manifest is ``.bricks.tbfx.json``)
 _MAX_NAME_BYTES = 200  # file systems allow 255; leave room for the suffix and staging names
 
 
@@ -42,9 +43,11 @@ def weights_file(brick_name: str) -> str:
 
 def save_bricks(collection: BrickCollection, folder: str | os.PathLike[str]) -> Path:
     """Saves each brick's weights to ``folder/<brick name>.pt`` (bricks without weights get no file) and
-    returns the folder.  An existing folder is replaced only once the new one is complete."""
+    returns the folder.  In an existing folder, the files of the previous ``save_bricks`` are replaced (or
+    removed, for bricks gone since) only once every new file is written; the folder's other files stay."""
     folder = Path(folder)
-    with staged_folder(folder, overwrite=True) as staging:
+    recover_folder(folder)  # a backup left by an older version's save killed mid-swap
+    with staged_set(folder, _SET) as staging:
         for name, _, brick in collection.named_bricks():
             state = brick.state_dict()
             if not state:
@@ -62,9 +65,10 @@ def load_bricks(collection: BrickCollection, folder: str | os.PathLike[str]) -> 
     """Loads per-brick weights saved by :func:`save_bricks` (``weights_only=True``).  Bricks without a file
     keep their weights and are warned about by name; nothing is loaded unless every file reads and fits."""
     folder = Path(folder)
-    recover_folder(folder)  # a save killed mid-swap left the complete old folder aside
+    recover_folder(folder)  # a backup left by an older version's save killed mid-swap
     if not folder.is_dir():
         raise BrickError(f"No brick weights folder at {str(folder)!r}.")
+    recover_set(folder, _SET)  # a save killed while moving its complete new files in
     bricks = collection.bricks()
     states: dict[str, Mapping[str, Any]] = {}
     missing = []
