@@ -467,6 +467,43 @@ def test_configuration_errors_are_not_blamed_on_the_bricks(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(("dynamo", "option", "message"), [
+    (True, {"keep_initializers_as_inputs": True}, "makes"),
+    (True, {"export_params": False}, "makes"),
+    (False, {"keep_initializers_as_inputs": True}, "makes"),
+    (True, {"do_constant_folding": False}, "ignores"),
+    (True, {"training": torch.onnx.TrainingMode.TRAINING}, "ignores"),
+    (True, {"custom_opsets": {"custom": 1}}, "ignores"),
+    (False, {"optimize": False}, "ignores"),
+    (False, {"report": True}, "ignores"),
+])
+def test_onnx_export_kwargs_the_exporter_would_not_honour_are_refused(tmp_path, dynamo, option, message):
+    (name, value), = option.items()
+    expected = (rf"{name}={value!r}.*whose inputs are the stage's inputs" if message == "makes" else
+                rf"{name}={value!r} has no effect with dynamo={dynamo}.*pass dynamo={not dynamo}")
+    with pytest.raises(BrickExportError, match=expected):
+        export_onnx(tiny(nn.ReLU()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}, dynamo=dynamo,
+                    onnx_export_kwargs=option)
+    assert leftovers(tmp_path) == []
+
+
+def test_onnx_export_kwargs_at_torchs_defaults_change_nothing_and_are_accepted(tmp_path):
+    defaults = {"do_constant_folding": True, "export_params": True, "keep_initializers_as_inputs": False}
+    export_onnx(tiny(nn.ReLU()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}, onnx_export_kwargs=defaults)
+    assert [i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input] == ["in put"]
+
+
+def test_reexport_removes_the_previous_optimized_model(tmp_path):
+    path, x = tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}
+    export_onnx(tiny(nn.ReLU()), path, x, save_optimized=True)
+    assert leftovers(tmp_path) == ["m.onnx", "m.optimized.onnx"]
+    export_onnx(tiny(nn.Identity()), path, x, overwrite=True)
+    assert leftovers(tmp_path) == ["m.onnx"]  # the old optimized model would no longer match m.onnx
+    export_onnx(tiny(nn.Tanh()), path, x, overwrite=True, save_optimized=True)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.optimized.onnx")).graph.node}
+    assert "Tanh" in ops and "Relu" not in ops
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_failure_hint_follows_the_exporter(tmp_path):
     with pytest.raises(BrickExportError, match=r"(?s)brick 'middle'.*dynamo exporter traces with torch.export"):

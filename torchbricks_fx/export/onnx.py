@@ -38,6 +38,16 @@ __all__ = ["export_onnx"]
 _RESERVED_KWARGS = frozenset({"model", "args", "f", "kwargs", "input_names", "output_names", "dynamo",
                               "dynamic_shapes", "dynamic_axes", "opset_version", "external_data"})
 
+# torch.onnx.export (torch 2.14) hands these only to the legacy TorchScript exporter (its "deprecated options").
+_LEGACY_ONLY = frozenset({"training", "operator_export_type", "do_constant_folding", "custom_opsets",
+                          "export_modules_as_functions", "autograd_inlining"})
+# ... and these only to the dynamo one ("dynamo only options").
+_DYNAMO_ONLY = frozenset({"custom_translation_table", "report", "optimize", "verify", "profile",
+                          "dump_exported_program", "artifacts_dir"})
+# The dynamo exporter applies these only when it saves to ``f`` (export_onnx saves the program itself); with
+# either exporter they make the weights graph inputs, which breaks the file's inputs and its verification.
+_WEIGHTS_AS_INPUTS = frozenset({"export_params", "keep_initializers_as_inputs"})
+
 _TRACER_HINT = ("the legacy (TorchScript) tracer warned that the trace may be wrong for other inputs: it records "
                 "one path through Python control flow on tensor values, and freezes .numpy()/.item() results and "
                 "shapes used as numbers into constants. Use dynamo=True (torch.export refuses such code instead of "
@@ -101,6 +111,13 @@ def optimized_name(path: Path) -> str:
     return f"{path.stem}.optimized{path.suffix or '.onnx'}"
 
 
+def sidecars(path: Path) -> tuple[str, ...]:
+    """The files beside an ONNX file that belong to it: its external weights and the optimized model (with
+    its own); a re-export that does not write them removes the previous file's."""
+    optimized = optimized_name(path)
+    return f"{path.name}.data", optimized, f"{optimized}.data"
+
+
 def _read_back(path: Path, target: Target, opset: int | None, save_optimized: bool) -> int | None:
     """Loads the written file's graph; checks its names and that it has the requested opset; with
     ``save_optimized``, lets onnxruntime write its optimized model beside it."""
@@ -142,19 +159,45 @@ def _verify(path: Path, target: Target, runs: Runs) -> tuple[tuple[OutputError, 
     return output_errors(compared, target.output_names, device), tuple(session.get_providers())
 
 
-def _check_kwargs(extra: Mapping[str, Any]) -> None:
+def _check_kwargs(extra: Mapping[str, Any], dynamo: bool) -> None:
     reserved = sorted(_RESERVED_KWARGS & set(extra))
     if reserved:
         raise BrickExportError(f"onnx_export_kwargs must not set {reserved}: export_onnx sets them itself (use "
                                f"dynamic_batch / dynamic_shapes / opset / dynamo).")
     parameters = inspect.signature(torch.onnx.export).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    unknown = sorted(set(extra) - set(parameters))
-    if unknown:
-        accepted = sorted(set(parameters) - _RESERVED_KWARGS)
-        raise BrickExportError(f"onnx_export_kwargs {unknown} are not arguments of torch.onnx.export; this torch "
-                               f"accepts {accepted}.")
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(extra) - set(parameters))
+        if unknown:
+            accepted = sorted(set(parameters) - _RESERVED_KWARGS)
+            raise BrickExportError(f"onnx_export_kwargs {unknown} are not arguments of torch.onnx.export; this "
+                                   f"torch accepts {accepted}.")
+    _check_honoured(extra, dynamo, parameters)
+
+
+def _check_honoured(extra: Mapping[str, Any], dynamo: bool, parameters: Mapping[str, inspect.Parameter]) -> None:
+    """Refuses options the chosen exporter would ignore, or that would break the file's contract; passing
+    torch's default value changes nothing and is accepted (seed code passes ``do_constant_folding=True``)."""
+    ignored = _LEGACY_ONLY if dynamo else _DYNAMO_ONLY
+    for name, value in sorted(extra.items()):
+        if name in parameters and _is_default(value, parameters[name].default):
+            continue
+        if name in _WEIGHTS_AS_INPUTS:
+            raise BrickExportError(f"onnx_export_kwargs {name}={value!r} is not supported: export_onnx writes the "
+                                   f"weights into the file, whose inputs are the stage's inputs (verification "
+                                   f"feeds only those); drop the option.")
+        if name in ignored:
+            honoured_by = ("the torch.export-based exporter (dynamo=True)" if not dynamo
+                           else "the legacy TorchScript exporter (dynamo=False)")
+            raise BrickExportError(f"onnx_export_kwargs {name}={value!r} has no effect with dynamo={dynamo}: "
+                                   f"torch.onnx.export passes it only to {honoured_by}; drop it or pass "
+                                   f"dynamo={not dynamo}.")
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # a value without a plain equality is not the default
+        return False
 
 
 def export_onnx(collection: BrickCollection, path: str | os.PathLike[str], named_inputs: Mapping[str, torch.Tensor], *,
@@ -173,12 +216,14 @@ def export_onnx(collection: BrickCollection, path: str | os.PathLike[str], named
     ``accept_tracer_warnings=True``.  ``opset`` is honoured or refused, never silently replaced.
     ``verify`` compares every output with eager on the example inputs and on random inputs with batch size
     + 1.  ``external_data`` (dynamo only; default: only above 2 GB) stores the weights in ``<path>.data``.
-    ``onnx_export_kwargs`` go to ``torch.onnx.export``.  ``save_optimized`` also writes onnxruntime's
-    optimized model beside the file (``model.optimized.onnx``; graph optimizations up to
-    ``ORT_ENABLE_EXTENDED``, portable across machines), which loads faster.
+    ``onnx_export_kwargs`` go to ``torch.onnx.export``; one the chosen exporter ignores (``do_constant_folding``
+    with dynamo, ``optimize`` without) or that makes the weights inputs is refused.  ``save_optimized`` also
+    writes onnxruntime's optimized model beside the file (``model.optimized.onnx``; graph optimizations up to
+    ``ORT_ENABLE_EXTENDED``, portable across machines), which loads faster; an export that does not removes
+    the one a previous export left there (with ``overwrite``).
 
-    Raises ``BrickExportError`` (export failed: names the bricks; outputs differ; file exists; unknown
-    ``onnx_export_kwargs``) and ``BrickGraphError`` (unknown outputs, missing inputs).  Nothing is written
+    Raises ``BrickExportError`` (export failed: names the bricks; outputs differ; file exists; unknown or
+    ignored ``onnx_export_kwargs``) and ``BrickGraphError`` (unknown outputs, missing inputs).  Nothing is written
     unless everything succeeded.
     """
     return export_onnx_named_batch(collection, path, named_inputs, stage=stage, outputs=outputs,
@@ -197,7 +242,7 @@ def export_onnx_named_batch(collection: BrickCollection, path: str | os.PathLike
                             save_optimized: bool = False, batch_name: str = BATCH) -> ExportReport:
     """:func:`export_onnx` with the name of the batch dimension (the seed helper calls it ``batch_size``)."""
     extra = dict(onnx_export_kwargs or {})
-    _check_kwargs(extra)
+    _check_kwargs(extra, dynamo)
 
     def write(target: Target, args: tuple[torch.Tensor, ...], axes: Axes, staged: Path) -> None:
         onnx_export(target.graph_module, args, staged, input_names=target.input_names,
@@ -212,6 +257,7 @@ def export_onnx_named_batch(collection: BrickCollection, path: str | os.PathLike
     exporter = Exporter(format="onnx", what="to ONNX", artifact="ONNX file", dynamo=dynamo,
                         double_batch_of_one=dynamo, write=write, try_brick=try_brick,
                         read_back=lambda staged, target: _read_back(staged, target, opset, save_optimized),
+                        sidecars=sidecars,
                         verify=_verify,
                         hint=EXPORTER_HINTS["dynamo"] if dynamo else EXPORTER_HINTS["legacy"],
                         warning_hint=_TRACER_HINT,

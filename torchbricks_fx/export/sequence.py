@@ -59,6 +59,7 @@ class Exporter:
     hint: str
     config_hint: str
     warning_hint: str = ""  # used instead of ``hint`` when the tracer warned (see ``TraceWarnings``)
+    sidecars: Callable[[Path], Sequence[str]] = lambda path: ()  # files beside ``path`` that belong to it
 
 
 _TRAIN_HINT = (" The stage is TRAIN: modules run in train mode (BatchNorm batch statistics, random dropout), which "
@@ -108,7 +109,7 @@ def run_export(exporter: Exporter, collection: BrickCollection, path: str | os.P
     kept = preserved_state(live) if target.training else contextlib.nullcontext()
     with kept:
         values = eager_values(target, args)  # before exporting: eager errors are the user's; localizing needs them
-        with staged_file(path, overwrite, BrickExportError) as staged:
+        with staged_file(path, overwrite, BrickExportError, exporter.sidecars(path)) as staged:
             start = time.perf_counter()
             try:
                 with target.bound.modes(grad=False):
