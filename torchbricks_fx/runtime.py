@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,22 +30,27 @@ from torchbricks_fx.stage import Stage
 
 __all__ = ["BoundStage", "BoundStep", "resize_batch"]
 
-# Submodule registrations in this process (torch's global registration hook counts them, once a stage is
-# bound): a bound stage walks its module trees again when the count moved.
-_TREE_VERSION = [0]
-_TREE_WATCH: list[Any] = []
-_is_compiling = torch.compiler.is_compiling
+# Bound stages, told by torch's global module-registration hook when a submodule is registered under one of
+# their modules (``model.fc = nn.Sequential(...)`` after the first call): they walk their modules again
+# then, so the per-call path reads a plain tuple.
+_BOUND_STAGES: weakref.WeakSet[BoundStage] = weakref.WeakSet()
+_REGISTRATION_HOOK: list[Any] = []
 
 
-def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-    _TREE_VERSION[0] += 1
+def _on_registration(parent: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    if submodule is None:
+        return
+    for stage in tuple(_BOUND_STAGES):
+        if id(parent) in stage.module_ids:
+            stage.walk_modules(submodule)
 
 
-def _watch_module_trees() -> None:
-    if not _TREE_WATCH:
+def _watch(stage: BoundStage) -> None:
+    if not _REGISTRATION_HOOK:
         from torch.nn.modules.module import register_module_module_registration_hook
 
-        _TREE_WATCH.append(register_module_module_registration_hook(_count_registration))
+        _REGISTRATION_HOOK.append(register_module_module_registration_hook(_on_registration))
+    _BOUND_STAGES.add(stage)
 
 
 # Calls of TRAIN stages in this process.  A frozen compiled stage compares it with the count at freezing:
@@ -124,29 +130,31 @@ class BoundStage:
     metric_steps: tuple[BoundStep, ...]
     roots: tuple[nn.Module, ...]  # the modules the model steps call
     bricks: Mapping[str, Brick]
-    _modules: list[Any] = field(default_factory=lambda: [-1, ()], repr=False)  # [tree version, modules]
+    modules: tuple[nn.Module, ...] = ()  # every module under ``roots``, kept current by walk_modules
+    module_ids: frozenset[int] = field(default=frozenset(), repr=False)
 
     @classmethod
     def bind(cls, plan: StagePlan, bricks: Mapping[str, Brick]) -> BoundStage:
         """Binds ``plan`` to ``bricks`` (dotted name -> brick).  Raises ``BrickGraphError`` when a model brick
         reads a metric brick's output: metrics run after the model bricks (and outside compiled graphs)."""
         _check_metric_consumers(plan)
-        _watch_module_trees()
         live = {step.name: bricks[step.name] for step in plan.steps}
         model = tuple(_bind_step(plan.stage, spec, live[spec.name]) for spec in plan.steps if spec.in_graph)
         metrics = tuple(_bind_step(plan.stage, spec, live[spec.name]) for spec in plan.steps if not spec.in_graph)
         called = tuple(live[spec.name].graph_module(plan.stage) for spec in plan.steps if spec.in_graph)
-        return cls(plan, model, metrics, called, live)
+        bound = cls(plan, model, metrics, called, live)
+        bound.walk_modules()
+        _watch(bound)
+        return bound
 
-    @property
-    def modules(self) -> tuple[nn.Module, ...]:
-        """Every module under the called ones, walked again after any submodule was registered anywhere
-        (``model.fc = nn.Sequential(...)`` after the first call runs in the stage's mode too).  Under Dynamo
-        the last walk is used: a guard on the process-wide count would recompile on any module creation."""
-        cache = self._modules
-        if not _is_compiling() and cache[0] != _TREE_VERSION[0]:
-            cache[0], cache[1] = _TREE_VERSION[0], _unique_modules(self.roots)
-        return cache[1]
+    def walk_modules(self, joining: nn.Module | None = None) -> None:
+        """Collects every module under the called ones, and under ``joining``: a submodule being registered
+        under one of them (torch's hook runs before it is attached), so that a layer swapped in after the
+        first call runs in the stage's mode too.  A module it replaces stays listed: a detached module whose
+        mode is switched and restored is harmless."""
+        modules = _unique_modules((*self.roots, joining) if joining is not None else self.roots)
+        object.__setattr__(self, "modules", modules)  # frozen for users; kept current here only
+        object.__setattr__(self, "module_ids", frozenset(map(id, modules)))
 
     @property
     def stage(self) -> Stage:
