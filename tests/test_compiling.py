@@ -63,7 +63,7 @@ def train_step(collection: BrickCollection, inputs: dict[str, torch.Tensor]) -> 
 
 
 # ------------------------------------------------------------------------------------------- staleness
-@pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "load_bricks", "to"])
+@pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "load_bricks", "to", "swapped_layer"])
 def test_a_frozen_eval_stage_never_serves_stale_weights(collection, tmp_path, change):
     inference = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)
     assert_like_eager(inference, collection, images(2))
@@ -76,10 +76,15 @@ def test_a_frozen_eval_stage_never_serves_stale_weights(collection, tmp_path, ch
     elif change == "load_bricks":
         other = BrickCollection(multitask_bricks())
         collection.load_bricks(other.save_bricks(tmp_path / "weights"))
-    else:
+    elif change == "to":
         collection.to(memory_format=torch.channels_last)  # new storages, same values
         with torch.no_grad():
             collection["backbone"].model.conv.weight.mul_(2.0)
+    else:  # a layer swapped in after the first call, then changed in place: both are seen
+        collection["heads"]["classifier"].model.fc = nn.Linear(8, 3)
+        assert_like_eager(inference, collection, images(2))
+        with torch.no_grad():
+            collection["heads"]["classifier"].model.fc.weight.mul_(2.0)
     assert_like_eager(inference, collection, images(2))  # the new weights, refrozen
     assert inference.compiled.compiles > first_compiles
 
@@ -149,6 +154,25 @@ def test_refreezing_warms_up_the_same_batch_sizes_again(collection):
         assert_like_eager(inference, collection, images(batch_size))
 
 
+def test_a_refreeze_warms_up_every_range_a_warm_up_compiled(collection):
+    inference = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)
+    inference.warm_up(images(4), batch_sizes=[1, 2, 16])
+    train_step(collection, train_inputs())
+    assert_like_eager(inference, collection, images(5))  # refreezes, for every warmed-up range at once
+    compiles = inference.compiled.compiles
+    for batch_size in (17, 1, 3):
+        assert_like_eager(inference, collection, images(batch_size))
+    assert inference.compiled.compiles == compiles
+
+
+def test_channels_last_keeps_the_batch_axis_dynamic(collection):
+    options = CompileOptions(freeze=False, channels_last=True, fail_on_recompile=True)
+    inference = compile_stage(collection, Stage.INFERENCE, compile=options)
+    inference.warm_up(images(4), batch_sizes=[1, 2, 16])
+    for batch_size in (3, 5, 8, 17):  # the marks survive the layout copy: no recompile, so no error
+        assert_like_eager(inference, collection, images(batch_size))
+
+
 def test_an_eval_stage_measures_how_to_run_and_keeps_the_fastest(collection):
     inference = compile_stage(collection, Stage.INFERENCE, compile=True)
     assert inference.compiled.choice is None
@@ -176,6 +200,45 @@ def test_compiled_train_stage_gradients_equal_eager(collection):
         assert ok, f"{name}: gradient max abs error {error}"
     for name, buffer in collection.named_buffers():  # BatchNorm statistics moved alike
         assert torch.allclose(buffer.float(), dict(eager.named_buffers())[name].float(), atol=1e-6)
+
+
+class Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_compiled_train_stage_draws_eager_dropout_masks():
+    """The same seed gives the same masks, so the same loss and gradients (Inductor's own generator would
+    draw other masks)."""
+    torch.manual_seed(0)
+    collection = BrickCollection({"net": BrickTrainable(Noisy(), input_names=["x"], output_names=["y"])})
+    eager = copy.deepcopy(collection)
+    train = compile_stage(collection, Stage.TRAIN, compile=True)
+    x = torch.randn(4, 6)
+    for run in (train, lambda i: eager(i, Stage.TRAIN)):
+        torch.manual_seed(1)
+        run({"x": x})["y"].square().sum().backward()
+    for (name, parameter), other in zip(collection.named_parameters(), eager.parameters(), strict=True):
+        ok, error, _ = compare_tensors(parameter.grad, other.grad)
+        assert ok, f"{name}: gradient max abs error {error}"
+
+
+class Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x  # a branch on a tensor's value: no single graph
+
+
+def test_a_brick_that_cannot_be_captured_is_named_with_what_to_do():
+    collection = BrickCollection({"gate": BrickTrainable(Gate(), input_names=["x"], output_names=["y"])})
+    stage = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)
+    with pytest.raises(Exception) as raised:
+        stage({"x": torch.ones(2, 3)})
+    notes = "\n".join(getattr(raised.value, "__notes__", []))
+    assert "(raised in brick 'gate')" in notes and "torch.cond" in notes
 
 
 # ------------------------------------------------------------------------------------------- options

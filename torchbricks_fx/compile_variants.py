@@ -1,7 +1,8 @@
 """How a compiled stage runs one way of compiling its graph: :class:`Variant` (a ``torch.compile`` of its
 own copy of the GraphModule, or the plain graph) and :class:`Slot` (the candidates for one kind of batch
 size and the one chosen); and the helpers around them: batch-axis marks and resizing, the recompile stance
-and the static-size limit, the timing that picks a candidate, the autocast check.  Internal to
+and the static-size limit, the timing that picks a candidate, the autocast check, and :class:`WeightSlots`
+(what a frozen graph's freshness is checked against).  Internal to
 ``compiling.py``."""
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 
 from torchbricks_fx.errors import BrickBackendError
 from torchbricks_fx.fx import code_copy
 from torchbricks_fx.numerics import difference, tolerance
-from torchbricks_fx.runtime import resize_batch
+from torchbricks_fx.runtime import resize_batch, training_calls, watch_module_tree
 from torchbricks_fx.stage import Stage
 
-__all__ = ["AUTOCAST_DTYPES", "Slot", "Variant", "as_float32", "batch_dynamic", "batch_size", "check_autocast",
-           "check_static_room", "failing_recompiles", "is_4d", "resized", "seconds_per_call"]
+__all__ = ["AUTOCAST_DTYPES", "Slot", "Variant", "WeightSlots", "as_float32", "batch_dynamic", "batch_size",
+           "check_autocast", "check_static_room", "failing_recompiles", "is_4d", "resized", "seconds_per_call"]
 
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 _SELECTION_SECONDS = 0.12  # timing per candidate when an eval stage picks how to run ...
@@ -172,3 +174,39 @@ def is_4d(value: Any) -> bool:
 
 def as_float32(results: Any) -> Any:
     return tuple(r.float() if isinstance(r, torch.Tensor) and r.dtype in AUTOCAST_DTYPES else r for r in results)
+
+
+class WeightSlots:
+    """Where every parameter and buffer of a graph's modules lives, and :meth:`state`, their versions and
+    storages (with the count of TRAIN calls): a frozen graph's constants are fresh while the state is the
+    one it froze.  Follows the module tree: a layer swapped in after the first call is watched too."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+        self.graph_module = graph_module
+        self.collect()
+        watch_module_tree(self)
+
+    def collect(self, joining: nn.Module | None = None) -> None:
+        """Finds the slots again; ``joining`` (a submodule being registered, not attached yet) marks them for
+        finding again on the next :meth:`state`, and its modules as watched."""
+        modules = dict(self.graph_module.named_modules())
+        named = [(f"{path}.{name}".lstrip("."), d, name) for path, m in modules.items()
+                 for d in (m._parameters, m._buffers) for name in d]
+        self._slots = [(d, name) for _, d, name in named]
+        self._names = [path for path, _, _ in named]
+        self._stale = joining is not None
+        self.module_ids = frozenset(map(id, [*modules.values(), *(joining.modules() if joining else ())]))
+
+    walk_modules = collect  # what watch_module_tree calls
+
+    def state(self) -> tuple[Any, ...]:
+        if self._stale:
+            self.collect()
+        return training_calls(), tuple([None if t is None else (t._version, t.data_ptr())
+                                        for t in [d[name] for d, name in self._slots]])
+
+    def changed_names(self, before: tuple[Any, ...]) -> list[str]:
+        now = self.state()[1]
+        if len(now) != len(before[1]):
+            return ["(modules were added or replaced)"]
+        return [name for name, old, new in zip(self._names, before[1], now, strict=True) if old != new]

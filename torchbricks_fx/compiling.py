@@ -41,6 +41,7 @@ from torchbricks_fx.compile_variants import (
     AUTOCAST_DTYPES,
     Slot,
     Variant,
+    WeightSlots,
     as_float32,
     batch_dynamic,
     batch_size,
@@ -51,8 +52,8 @@ from torchbricks_fx.compile_variants import (
     resized,
     seconds_per_call,
 )
-from torchbricks_fx.errors import BrickBackendError
-from torchbricks_fx.runtime import preserved_state, training_calls
+from torchbricks_fx.errors import BrickBackendError, add_note
+from torchbricks_fx.runtime import preserved_state
 from torchbricks_fx.stage import Stage
 
 __all__ = ["CompileOptions"]
@@ -116,14 +117,12 @@ class CompiledGraph:
         self._static = Slot(self._make_candidates(dynamic=False))
         self._dynamic = Slot(self._make_candidates(dynamic=True)) if options.dynamic_batch else None
         self._static_sizes: set[int | None] = set()
-        named = [(f"{path}.{name}".lstrip("."), d, name) for path, m in graph_module.named_modules()
-                 for d in (m._parameters, m._buffers) for name in d]
-        self._slots = [(d, name) for _, d, name in named]
-        self._slot_names = [path for path, _, _ in named]
+        self._weights = WeightSlots(graph_module)
         self._weights_state: tuple[Any, ...] | None = None
         self._warm = False
         self._warming = False  # inside warming_up: compiles allowed
         self._warming_dynamic = False  # ... and the dynamic-batch graph compiled too
+        self._dynamic_warmed = False  # a warm-up compiled it: a refreeze compiles it again for every size
         self._stale = False  # refreshed: the next call compiles again for the warmed-up batch sizes
         self._rewarming = False
         self._compiled_last = False  # whether the last run compiled
@@ -246,16 +245,19 @@ class CompiledGraph:
         """One call of ``variant`` with the compiler settings it was (or will be) compiled with.  On every
         call of a compiled stage: kept to plain assignments (a generator context manager costs ~10 us)."""
         marked = variant.needs_marks
+        if self.options.channels_last:  # before the marks: a layout copy would lose them
+            args = tuple(a.contiguous(memory_format=torch.channels_last) if is_4d(a) else a for a in args)
         if marked:
             args = batch_dynamic(args)
-        if self.options.channels_last:
-            args = tuple(a.contiguous(memory_format=torch.channels_last) if is_4d(a) else a for a in args)
         inductor, stats = self._inductor, self._dynamo_stats
         # These flags decide at (re)compile time, and a stage may recompile on any call (a new batch-size
         # range, refreshed weights).  Layout optimization converts convolutions to channels-last: it pays
         # for frozen weights only (it changes gradients' rounding in TRAIN and costs per call otherwise).
-        saved = inductor.freezing, inductor.layout_optimization
+        # TRAIN draws its random numbers (dropout) from torch's generator, as eager does: same seed, same
+        # masks, same gradients (Inductor's own generator would draw others).
+        saved = inductor.freezing, inductor.layout_optimization, inductor.fallback_random
         inductor.freezing, inductor.layout_optimization = variant.frozen, saved[1] and variant.frozen
+        inductor.fallback_random = saved[2] or self.training
         before, start = stats["unique_graphs"], time.perf_counter()
         try:
             if self.options.autocast is None and not self._strict():
@@ -263,8 +265,12 @@ class CompiledGraph:
             else:
                 with self._stance(), self._autocast(args):
                     results = variant.run(*args)
+        except torch._dynamo.exc.Unsupported as error:  # the stage's brick is named by the StageModule
+            add_note(error, "(a compiled stage is captured as one graph: make the brick traceable, e.g. "
+                            "torch.cond for a branch on tensor values, or build the stage without compile=)")
+            raise
         finally:
-            inductor.freezing, inductor.layout_optimization = saved
+            inductor.freezing, inductor.layout_optimization, inductor.fallback_random = saved
         compiled = stats["unique_graphs"] - before
         self._compiled_last = bool(compiled)
         if compiled:
@@ -313,12 +319,10 @@ class CompiledGraph:
 
     # ------------------------------------------------------------------ freshness of frozen weights
     def _state(self) -> tuple[Any, ...]:
-        return training_calls(), tuple([None if t is None else (t._version, t.data_ptr())
-                                        for t in [d[name] for d, name in self._slots]])
+        return self._weights.state()
 
     def _changed_names(self, before: tuple[Any, ...]) -> list[str]:
-        now = self._state()[1]
-        return [name for name, old, new in zip(self._slot_names, before[1], now, strict=True) if old != new]
+        return self._weights.changed_names(before)
 
     def _check_constant_weights(self) -> None:
         """A frozen graph's weights and buffers are constants: a stage that changes its own (a call counter,
@@ -343,7 +347,7 @@ class CompiledGraph:
         that ``fail_on_recompile`` keeps holding)."""
         self._stale, self._rewarming = False, True
         try:
-            with self.warming_up(dynamic=self.options.fail_on_recompile):
+            with self.warming_up(dynamic=self.options.fail_on_recompile or self._dynamic_warmed):
                 for size in self.batch_sizes or (None,):
                     self(*(args if size is None else resized(args, size)))
                 if self._dynamic is not None and batch_size(args) not in self._static_sizes:
@@ -372,6 +376,7 @@ class CompiledGraph:
             yield
             return
         self._warming, self._warming_dynamic = True, dynamic
+        self._dynamic_warmed = self._dynamic_warmed or dynamic
         try:
             yield
         finally:

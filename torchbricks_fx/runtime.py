@@ -30,27 +30,29 @@ from torchbricks_fx.stage import Stage
 
 __all__ = ["BoundStage", "BoundStep", "resize_batch"]
 
-# Bound stages, told by torch's global module-registration hook when a submodule is registered under one of
-# their modules (``model.fc = nn.Sequential(...)`` after the first call): they walk their modules again
-# then, so the per-call path reads a plain tuple.
-_BOUND_STAGES: weakref.WeakSet[BoundStage] = weakref.WeakSet()
+# Watchers of module trees (bound stages, compiled graphs), told by torch's global module-registration hook
+# when a submodule is registered under one of their modules (``model.fc = nn.Sequential(...)`` after the
+# first call): they collect their modules again then, so that per-call paths read plain tuples.
+_WATCHERS: weakref.WeakSet[Any] = weakref.WeakSet()
 _REGISTRATION_HOOK: list[Any] = []
 
 
 def _on_registration(parent: nn.Module, name: str, submodule: nn.Module | None) -> None:
     if submodule is None:
         return
-    for stage in tuple(_BOUND_STAGES):
-        if id(parent) in stage.module_ids:
-            stage.walk_modules(submodule)
+    for watcher in tuple(_WATCHERS):
+        if id(parent) in watcher.module_ids:
+            watcher.walk_modules(submodule)
 
 
-def _watch(stage: BoundStage) -> None:
+def watch_module_tree(watcher: Any) -> None:
+    """Calls ``watcher.walk_modules(submodule)`` whenever a submodule is registered under a module whose id
+    is in ``watcher.module_ids`` (torch's hook runs before the submodule is attached)."""
     if not _REGISTRATION_HOOK:
         from torch.nn.modules.module import register_module_module_registration_hook
 
         _REGISTRATION_HOOK.append(register_module_module_registration_hook(_on_registration))
-    _BOUND_STAGES.add(stage)
+    _WATCHERS.add(watcher)
 
 
 # Calls of TRAIN stages in this process.  A frozen compiled stage compares it with the count at freezing:
@@ -144,7 +146,7 @@ class BoundStage:
         called = tuple(live[spec.name].graph_module(plan.stage) for spec in plan.steps if spec.in_graph)
         bound = cls(plan, model, metrics, called, live)
         bound.walk_modules()
-        _watch(bound)
+        watch_module_tree(bound)
         return bound
 
     def walk_modules(self, joining: nn.Module | None = None) -> None:
