@@ -201,12 +201,21 @@ def raising_brick(graph_module: torch.fx.GraphModule, error: BaseException,
     copies of it), from the traceback's line in that code (the line-to-node map torch.fx records)."""
     codes = {gm.forward.__code__ for gm in (graph_module, *runs)}
     lineno_map = getattr(graph_module, "_lineno_map", None)
+    if not lineno_map:
+        return None
     traceback = error.__traceback__
     while traceback is not None and traceback.tb_frame.f_code not in codes:
         traceback = traceback.tb_next
-    if traceback is None or not lineno_map:
-        return None
-    index = lineno_map.get(traceback.tb_lineno - traceback.tb_frame.f_code.co_firstlineno)
+    if traceback is not None:
+        line = traceback.tb_lineno - traceback.tb_frame.f_code.co_firstlineno
+    else:  # Dynamo refusing to trace (torch._dynamo.exc.Unsupported): the user-code frames it traced, the
+        # outermost being the stage's generated code or a compiled copy of it (same lines, another file name)
+        stack = getattr(error, "real_stack", None) or ()
+        frame = stack[0] if stack else None
+        if frame is None or frame.lineno is None or not frame.filename.startswith("<eval_with_key>"):
+            return None
+        line = frame.lineno - graph_module.forward.__code__.co_firstlineno
+    index = lineno_map.get(line)
     nodes = list(graph_module.graph.nodes)
     return nodes[index].meta.get(META_BRICK) if index is not None and index < len(nodes) else None
 
@@ -329,8 +338,9 @@ class StageModule(nn.Module):
             return results
         # A compiled stage checks eagerly (restoring what the check moved), then its first call compiles, as a
         # warm-up expects.
-        with preserved_state(self.graph_module), torch.no_grad():
-            _ArityCheck(self.graph_module).run(*args)
+        devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"][:1]
+        with preserved_state(self.graph_module), torch.random.fork_rng(devices=devices), torch.no_grad():
+            _ArityCheck(self.graph_module).run(*args)  # draws no random numbers the real call would
         self._arity_checked = True
         return self._graph_forward(*args)
 
