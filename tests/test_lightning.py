@@ -24,6 +24,7 @@ from torchbricks_fx import (  # noqa: E402
     BrickTrainable,
     Stage,
 )
+from torchbricks_fx.compiling import CompileOptions  # noqa: E402
 from torchbricks_fx.lightning import BrickLightningModule  # noqa: E402
 
 # Some tests call the steps directly, outside a Trainer, where self.log() warns and does nothing.
@@ -365,3 +366,14 @@ def test_metrics_log_0d_and_1d_tensors_and_warn_once_for_others() -> None:
     assert len([m for m in messages if "label" in m]) == 1, messages
     assert any(f"shape ({N_CLASSES}, {N_CLASSES})" in m for m in messages)
     assert any("a str" in m for m in messages)
+
+
+def test_autocast_options_compile_the_eval_stages_and_leave_training_in_float32() -> None:
+    torch._dynamo.reset()
+    options = CompileOptions(autocast=torch.bfloat16)
+    module = BrickLightningModule(make_collection(), sgd(), compile=options)
+    x, y = blobs(16)[:]
+    loss = module.training_step((x, y), 0)  # TRAIN refuses autocast: the module leaves it out there
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert module({"raw": x})["a/logits"].dtype == torch.float32  # the eval stage, verified in bfloat16

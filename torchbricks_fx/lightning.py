@@ -27,6 +27,7 @@ brick does not run in the TRAIN stage (e.g. a head alive only in INFERENCE), use
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -81,7 +82,8 @@ class BrickLightningModule(pl.LightningModule):
     is (``compile_stage(..., compile=...)``): TRAIN forward and backward; TEST and predict (INFERENCE) as
     inference graphs, frozen where that measures faster; VALIDATION as an inference graph without freezing,
     because the weights change between validation epochs and refreezing would recompile every epoch.  A
-    ``CompileOptions`` sets the options of every stage.
+    ``CompileOptions`` sets the options of every stage, except that TRAIN leaves out ``autocast`` (an eval-stage
+    option; train in mixed precision with Lightning's ``precision=``).
     Checkpoints hold the collection's weights under ``collection.``.
     """
 
@@ -117,6 +119,10 @@ class BrickLightningModule(pl.LightningModule):
     def _compile_options(self, stage: Stage) -> CompileOptions | bool:
         if self.use_compile is True:
             return CompileOptions(freeze=False if stage is Stage.VALIDATION else None)
+        if isinstance(self.use_compile, CompileOptions) and stage is Stage.TRAIN:
+            # Autocast is an eval-stage option (verified against float32 eager); training stays float32 here
+            # (Lightning's precision="bf16-mixed" is the way to train in mixed precision).
+            return dataclasses.replace(self.use_compile, autocast=None)
         return self.use_compile
 
     def named_inputs(self, batch: Any) -> dict[str, Any]:
