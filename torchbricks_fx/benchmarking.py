@@ -344,8 +344,9 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
     restored afterwards, so timing TRAIN or a stage with metrics leaves the collection as it was (only
     forward calls are timed), and so is the random number generator.  Eager's reference and each backend's
     compared call start from one RNG state, so TRAIN's dropout draws the same numbers in both (where the
-    backend draws from torch's generators: Inductor and ONNX Runtime draw their own).  Unknown backends or
-    devices raise ``BrickBackendError`` before any work; an invalid stage raises ``BrickGraphError``.
+    backend draws from torch's generators, as compiled TRAIN stages do; ONNX Runtime draws its own).
+    Unknown backends or devices raise ``BrickBackendError`` before any work; an invalid stage raises
+    ``BrickGraphError``.
     """
     stage = parse_stage(stage)
     dev = parse_device(device)
