@@ -18,9 +18,9 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.benchmark import Timer
@@ -28,6 +28,7 @@ from torch.utils.benchmark import Timer
 from torchbricks_fx.backends import DEFAULT_BACKENDS, parse_backends, parse_device
 from torchbricks_fx.errors import BrickBackendError, error_summary
 from torchbricks_fx.numerics import compare_outputs
+from torchbricks_fx.placement import kept_rng, moved_to, seeded_call, to_device, torch_threads
 from torchbricks_fx.runners import BoundCall, Runner, make_runner
 from torchbricks_fx.runtime import batch_size_of, check_batch_size, preserved_state, resize_batch
 from torchbricks_fx.stage import Stage, parse_stage
@@ -39,10 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["BenchmarkResult", "BrickProfile", "benchmark", "profile_bricks", "resize_batch", "time_statement"]
 
 WARMUP_CALLS = 3
-COMPARE_SEED = 0
 
 Progress = Callable[[str], None]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -101,86 +100,6 @@ class BrickProfile:
     share: float
 
 
-# --------------------------------------------------------------------------------------------- inputs
-def _to_device(named_inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in named_inputs.items()}
-
-
-# --------------------------------------------------------------------------------------------- state
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[int]:
-    """Sets torch's intra-op threads for the block (``None``: keep the current setting); restores them."""
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise BrickBackendError(f"threads must be a positive integer or None, not {threads!r}.")
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
-def _home_device(module: torch.nn.Module) -> torch.device | None:
-    """The one device ``module``'s tensors are on (``None`` without tensors); ``BrickBackendError`` for a
-    collection spread over several devices, which a benchmark could not move and put back as it was."""
-    devices = {t.device for t in (*module.parameters(), *module.buffers())}
-    if len(devices) > 1:
-        raise BrickBackendError(f"The collection's parameters and buffers are on several devices "
-                                f"({', '.join(sorted(map(str, devices)))}); move it to one device before "
-                                f"benchmarking it.")
-    return next(iter(devices), None)
-
-
-@contextlib.contextmanager
-def _on_device(module: torch.nn.Module, home: torch.device | None, device: torch.device) -> Iterator[None]:
-    """Moves ``module`` from ``home`` (its one device, see ``_home_device``) to ``device`` for the block and
-    back afterwards, also when the move itself fails half-way (out of memory)."""
-    if home is None or home == device:
-        yield
-        return
-    try:
-        module.to(device)
-        yield
-    finally:
-        module.to(home)
-
-
-def _on_cuda_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """``device`` as the current CUDA device for the block: ``Timer`` synchronizes the current device, and
-    ``torch.compile`` / CUDA graphs capture on it."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def moved_to(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """``module`` on ``device`` (and ``device`` the current CUDA device) for the block, back on its own device
-    afterwards; ``BrickBackendError`` for a module spread over several devices.  For tools that run a
-    collection where the user asked, as ``benchmark`` does (deployment)."""
-    with _on_device(module, _home_device(module), device), _on_cuda_device(device):
-        yield
-
-
-@contextlib.contextmanager
-def _kept_rng(device: torch.device) -> Iterator[None]:
-    """Restores the RNG state of the CPU (and of ``device`` when it is CUDA) after the block: timing a stage
-    with dropout draws random numbers, which must not change what the caller's code draws next."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        yield
-
-
-def _seeded_call(fn: Callable[[], T], device: torch.device) -> T:
-    """``fn()`` from the RNG state every compared call starts from (eager's reference, each backend's
-    outputs): a stage that draws random numbers (TRAIN's dropout) then draws the same ones on every backend
-    that uses torch's generators.  Only the compared calls pay for this, never the timed ones."""
-    with _kept_rng(device):
-        # Not torch.manual_seed: it also seeds every other CUDA device, which _kept_rng does not restore.
-        torch.default_generator.manual_seed(COMPARE_SEED)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(COMPARE_SEED)  # the current device is ``device`` (_on_cuda_device)
-        return fn()
-
-
 # --------------------------------------------------------------------------------------------- timing
 def time_statement(stmt: str, globals: Mapping[str, Any], *, threads: int, min_run_time: float,
                    label: str = "", description: str = "") -> Any:
@@ -231,7 +150,7 @@ def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping
     count = runner.compile_count or (lambda: 0)
     before = count()
     warmup = _warm_up(runner, bound, device)
-    matched, error = compare_outputs(reference, _seeded_call(bound.fetch, device), device)
+    matched, error = compare_outputs(reference, seeded_call(bound.fetch, device), device)
     warm = count()
     measurement = time_statement(bound.stmt, bound.globals, threads=base.threads, min_run_time=min_run_time,
                                  label=base.stage, description=runner.name)
@@ -318,7 +237,7 @@ def machine_load(progress: Progress | None = None, warn: bool = False) -> float 
 
 def _reference_outputs(collection: BrickCollection, stage: Stage, named_inputs: Mapping[str, Any],
                        outputs: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    values = _seeded_call(lambda: collection(dict(named_inputs), stage=stage), device)
+    values = seeded_call(lambda: collection(dict(named_inputs), stage=stage), device)
     return {n: values[n].detach().cpu() for n in outputs if isinstance(values.get(n), torch.Tensor)}
 
 
@@ -364,9 +283,9 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
     report = progress or (lambda _: None)
 
     def inputs(bs: int) -> dict[str, Any]:
-        return _to_device(resize_batch(named_inputs, bs, order), dev)
+        return to_device(resize_batch(named_inputs, bs, order), dev)
 
-    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), _kept_rng(dev):
+    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), kept_rng(dev):
         machine_load(report, warn=True)
         references = {bs: _reference_outputs(collection, stage, inputs(bs), plan.outputs, dev) for bs in sizes}
         results: list[BenchmarkResult] = []
@@ -388,8 +307,8 @@ def profile_bricks(collection: BrickCollection, named_inputs: Mapping[str, Any],
     stage = parse_stage(stage)
     dev = parse_device(device)
     bound = collection.bound_stage(stage, outputs)
-    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), _kept_rng(dev):
-        values = bound.run(_to_device(named_inputs, dev))
+    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), kept_rng(dev):
+        values = bound.run(to_device(named_inputs, dev))
         timings = []
         with bound.modes():
             for spec in bound.plan.steps:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchbricks_fx.backends import parse_device
-from torchbricks_fx.benchmarking import machine_load, moved_to, torch_threads
+from torchbricks_fx.benchmarking import machine_load
 from torchbricks_fx.deployment.acceptance import MetricGate, metric_stage_of, resolve_budgets
 from torchbricks_fx.deployment.candidates import CANDIDATES, BuildContext, parse_candidates
 from torchbricks_fx.deployment.report import CandidateResult, DeployReport, Latency
@@ -30,6 +30,7 @@ from torchbricks_fx.deployment.writer import write_bundle
 from torchbricks_fx.errors import BrickDeployError, BrickDeployInputError
 from torchbricks_fx.export.target import Target, make_target
 from torchbricks_fx.files import check_destination
+from torchbricks_fx.placement import moved_to, torch_threads
 from torchbricks_fx.runtime import batch_size_of, check_batch_size, preserved_state
 from torchbricks_fx.stage import Stage, parse_stage
 
