@@ -233,6 +233,10 @@ def test_bundle_refuses_a_modified_artifact_and_bad_inputs(small_budget, tmp_pat
         bundle({"raw": np.zeros((2, 8, 8), np.float32)})
     with pytest.raises(BrickDeployInputError, match=r"Inputs \['raw'\] are missing"):
         bundle({"image": np.zeros((2, 1, 8, 8), np.float32)})
+    native = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
+    swapped = native.astype(native.dtype.newbyteorder(">" if sys.byteorder == "little" else "<"))
+    for name, values in bundle({"raw": native}).items():  # a byte-swapped array is read by value
+        np.testing.assert_array_equal(bundle({"raw": swapped})[name], values)
     artifact = copy / bundle.manifest["artifact"]["files"][0]
     with artifact.open("ab") as file:
         file.write(b"\0")
@@ -304,6 +308,51 @@ def test_a_metric_reading_an_output_not_deployed_is_named(tmp_path):
                                                     r"'logits'\]"):
         deploy(BrickCollection(bricks), tmp_path / "bundle", EXAMPLE, outputs=["features"],
                validation=tiny_batches())
+
+
+class ShiftLabels(nn.Module):
+    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+        return (targets + 1) % 3
+
+
+def test_a_value_made_by_a_brick_outside_the_deployed_stage_comes_from_the_batches(tmp_path):
+    bricks = tiny_bricks()
+    bricks["label_map"] = BrickTrainable(ShiftLabels(), ["targets"], ["labels"],
+                                         alive_stages=["train", "validation", "test"])
+    bricks["accuracy"] = BrickMetricSingle(MulticlassAccuracy(num_classes=3), ["logits", "labels"])
+    with pytest.raises(BrickDeployInputError, match=r"no 'labels'.*brick 'label_map' makes it in stage validation"):
+        deploy(BrickCollection(bricks), tmp_path / "bundle", EXAMPLE, outputs=["logits"], validation=tiny_batches())
+    batches = [{**batch, "labels": ShiftLabels()(batch["targets"])} for batch in tiny_batches()]
+    report = deploy(BrickCollection(bricks), tmp_path / "bundle", EXAMPLE, outputs=["logits"], validation=batches,
+                    candidates=["onnxruntime"], **FAST)
+    assert report.chosen == "onnxruntime" and "MulticlassAccuracy" in report.eager.metrics
+
+
+def test_batches_without_the_inputs_are_refused_also_on_tolerance_alone(tmp_path):
+    with pytest.raises(BrickDeployInputError, match=r"batch 0 has no 'x', an input of the deployed stage"):
+        deploy(BrickCollection(tiny_bricks()), tmp_path / "bundle", EXAMPLE, max_metric_drop=None,
+               validation=[{"wrong": torch.zeros(1)}], candidates=["onnxruntime-int8-static"], **FAST)
+
+
+def test_reduced_precision_needs_a_metric_that_is_compared(tmp_path):
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    bricks = tiny_bricks()
+    bricks["accuracy"] = BrickMetricSingle(MulticlassConfusionMatrix(num_classes=3), ["logits", "targets"])
+    with pytest.raises(BrickDeployError) as raised:  # the matrix is not compared: int8 has no judge
+        deploy(BrickCollection(bricks), tmp_path / "bundle", EXAMPLE, validation=tiny_batches(),
+               max_metric_drop=0.0, candidates=["onnxruntime-int8-dynamic"], **FAST)
+    int8 = raised.value.report.candidate("onnxruntime-int8-dynamic")
+    assert int8.status == "rejected" and "scalar metric" in int8.reason
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_metric_drops_keep_the_resolution_of_small_metrics():
+    from torchbricks_fx.deployment.acceptance import metric_drops
+
+    drops = metric_drops({"mse": 1e-4, "accuracy": 0.9}, {"mse": 1e-4 + 9e-7, "accuracy": 0.9 - 1e-8},
+                         {"mse": False, "accuracy": True})
+    assert drops["mse"] == pytest.approx(9e-7) and drops["accuracy"] == 0.0  # 0.9% worse; float32 rounding
 
 
 def test_a_failing_candidate_is_recorded_and_the_others_go_on(extra_candidates, tmp_path):

@@ -250,7 +250,7 @@ def _metric_cell(candidate: CandidateResult, name: str) -> str:
     if value is None:
         return "-"
     drop = candidate.metric_drops.get(name)
-    return f"{value:.4g}" if drop is None else f"{value:.4g} (drop {drop:.2g})"
+    return f"{value:.4g}" if drop is None else f"{value:.4g} (drop {drop:.3g})"
 
 
 def _deploy_row(candidate: CandidateResult, report: DeployReport, metrics: Sequence[str]) -> str:
@@ -278,8 +278,8 @@ def _deploy_summary(report: DeployReport) -> list[str]:
         judged = "tolerance alone (max_metric_drop=None): only float32 candidates can pass"
     else:
         budgets = sorted(set(report.metric_budgets.values()))
-        budget = f"{budgets[0]:g} per metric" if len(budgets) == 1 else \
-            ", ".join(f"{name} {value:g}" for name, value in report.metric_budgets.items())
+        budget = "none (no metric could be compared)" if not budgets else f"{budgets[0]:g} per metric" \
+            if len(budgets) == 1 else ", ".join(f"{name} {value:g}" for name, value in report.metric_budgets.items())
         stage = report.metric_stage.value if report.metric_stage else "?"
         judged = (f"the metric bricks of stage {stage} on {report.validation_samples} validation samples in "
                   f"{report.validation_batches} batch(es), largest accepted drop: {budget}; float32 candidates also "

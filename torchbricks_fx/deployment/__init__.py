@@ -21,7 +21,7 @@ import torch
 
 from torchbricks_fx.backends import parse_device
 from torchbricks_fx.benchmarking import machine_load
-from torchbricks_fx.deployment.acceptance import MetricGate, metric_stage_of, resolve_budgets
+from torchbricks_fx.deployment.acceptance import MetricGate, check_batch_inputs, metric_stage_of, resolve_budgets
 from torchbricks_fx.deployment.candidates import CANDIDATES, BuildContext, parse_candidates
 from torchbricks_fx.deployment.report import CandidateResult, DeployReport, Latency
 from torchbricks_fx.deployment.steps import Deployment, Gates, to_device, verification_runs, work_folder
@@ -149,6 +149,8 @@ def _request(collection: BrickCollection, folder: str | os.PathLike[str], named_
         judging = metric_stage_of(collection, None if metric_stage is None else parse_stage(metric_stage))
         gate = MetricGate(collection, judging, stage, target.input_names, target.output_names)
         gate.check_batches(batches)
+    else:
+        check_batch_inputs(batches, target.input_names)
     return _Request(path, target, names, gate, max_metric_drop, batches, dev, sizes, threads, min_run_time, overwrite)
 
 

@@ -98,10 +98,24 @@ class _MetricBrick:
     step: BoundStep
 
 
+def check_batch_inputs(batches: Sequence[Any], inputs: Sequence[str]) -> None:
+    """Every validation batch is a dict holding the deployed stage's inputs (static int8 calibrates on them,
+    the metric gate runs them); the error names the batch and the input."""
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise BrickDeployInputError(f"Validation batch {index} is a {type(batch).__name__}; batches are "
+                                        f"dicts {{input name: tensor}} including the targets.")
+        missing = [name for name in inputs if name not in batch]
+        if missing:
+            raise BrickDeployInputError(f"Validation batch {index} has no {missing[0]!r}, an input of the deployed "
+                                        f"stage (which needs {list(inputs)}; the batch has {sorted(batch)}).")
+
+
 class MetricGate:
-    """The metric bricks of ``stage`` fed by a deployed stage with ``inputs`` and ``outputs``.  Raises
-    ``BrickDeployInputError`` when a metric brick reads a value neither the deployed stage outputs nor a
-    batch can give."""
+    """The metric bricks of ``stage`` fed by a deployed stage with ``inputs`` and ``outputs``, and by the
+    validation batches (targets, and values made by bricks outside the deployed stage).  Raises
+    ``BrickDeployInputError`` when a metric brick reads a value the deployed stage could output but does
+    not (it names the ``outputs=`` to ask for)."""
 
     def __init__(self, collection: BrickCollection, stage: Stage, deployed_stage: Stage, inputs: Sequence[str],
                  outputs: Sequence[str]) -> None:
@@ -113,17 +127,21 @@ class MetricGate:
         self._metric_bricks = tuple(_MetricBrick(step.name, prefixes.get(step.name, ""), step)
                                     for step in bound.metric_steps)
         external = set(bound.plan.required_inputs)
+        deployable = set(collection.plan(deployed_stage).outputs)  # what outputs=[...] could add
         self.batch_values: dict[str, list[str]] = {}  # value a batch must hold -> metric bricks reading it
+        self._derived: dict[str, str] = {}  # ... of which made by a brick dead in the deployed stage -> it
         for step in bound.metric_steps:
             for value in (*step.binding.input_values, *step.binding.all_values):
                 if value in outputs:
                     continue
-                if value not in external:
+                if value not in external and value in deployable:
                     raise BrickDeployInputError(
                         f"Metric brick {step.name!r} reads {value!r}, produced by brick "
                         f"{bound.plan.producer(value)!r} in stage {stage.value}, but the deployed stage "
                         f"{deployed_stage.value} does not output it (its outputs: {list(outputs)}). Request it: "
                         f"outputs=[..., {value!r}].")
+                if value not in external:  # made by a brick not alive in the deployed stage: batches give it
+                    self._derived[value] = bound.plan.producer(value) or "?"
                 self.batch_values.setdefault(value, []).append(step.name)
 
     def check_batches(self, batches: Sequence[Any]) -> None:
@@ -132,19 +150,16 @@ class MetricGate:
         if not batches:
             raise BrickDeployInputError(f"The validation set is empty; the metric bricks {list(self.bricks)} need "
                                         f"batches with {sorted(set(self.inputs) | set(self.batch_values))}.")
+        check_batch_inputs(batches, self.inputs)
         for index, batch in enumerate(batches):
-            if not isinstance(batch, Mapping):
-                raise BrickDeployInputError(f"Validation batch {index} is a {type(batch).__name__}; batches are "
-                                            f"dicts {{input name: tensor}} including the targets.")
-            missing = [name for name in self.inputs if name not in batch]
-            if missing:
-                raise BrickDeployInputError(f"Validation batch {index} has no {missing[0]!r}, an input of the deployed "
-                                            f"stage (which needs {list(self.inputs)}; the batch has {sorted(batch)}).")
             for value, readers in self.batch_values.items():
                 if value not in batch:
+                    made = self._derived.get(value)
+                    how = "" if made is None else (f" (brick {made!r} makes it in stage {self.stage.value} but is "
+                                                   f"not part of the deployed stage: compute it into the batches)")
                     raise BrickDeployInputError(
                         f"Validation batch {index} has no {value!r}, which metric brick {readers[0]!r} reads "
-                        f"(the batch has {sorted(batch)}). Include it in every validation batch.")
+                        f"(the batch has {sorted(batch)}). Include it in every validation batch{how}.")
 
     def directions(self) -> dict[str, bool | None]:
         return {f"{brick.prefix}{name}": better for brick in self._metric_bricks
@@ -196,13 +211,14 @@ def metric_drops(reference: Mapping[str, float], got: Mapping[str, float],
                  directions: Mapping[str, bool | None]) -> dict[str, float]:
     """How much worse each metric is than the reference: ``reference - got`` where higher is better,
     ``got - reference`` where lower is, ``|got - reference|`` where the metric does not say.  Drops within
-    rounding (``METRIC_EPSILON``) are 0; NaN stays NaN (and is rejected)."""
+    rounding (``METRIC_EPSILON`` of the metric's magnitude: a small metric, an MSE of 1e-4, keeps its
+    resolution) are 0; NaN stays NaN (and is rejected)."""
     drops = {}
     for name, ref in reference.items():
         value = got.get(name, math.nan)
         better = directions.get(name, directions.get(_base(name)))
         drop = ref - value if better is True else value - ref if better is False else abs(value - ref)
-        drops[name] = 0.0 if abs(drop) <= METRIC_EPSILON * max(1.0, abs(ref)) else drop
+        drops[name] = 0.0 if abs(drop) <= METRIC_EPSILON * abs(ref) else drop
     return drops
 
 

@@ -38,6 +38,8 @@ Runs = list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
 
 _REDUCED_NEEDS_METRICS = ("reduced precision is accepted only by the metric gate, which max_metric_drop=None turned "
                           "off (give validation batches and a max_metric_drop)")
+_REDUCED_NEEDS_A_SCALAR = ("reduced precision is accepted only by a metric the gate compares, and the stage's metrics "
+                           "are all left out (not 0-D or 1-D values); add a scalar metric, such as accuracy")
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,8 @@ class Deployment:
         reasons += metric_reasons(drops, budgets) if budgets is not None else []
         if budgets is None and not float32:
             reasons.append(_REDUCED_NEEDS_METRICS)
+        elif not float32 and not drops:  # every metric left out (matrices): nothing judged it
+            reasons.append(_REDUCED_NEEDS_A_SCALAR)
         return dataclasses.replace(base, status=REJECTED if reasons else ACCEPTED, reasons=tuple(reasons),
                                    metrics=FrozenMap(metrics), metric_drops=FrozenMap(drops), output_errors=errors,
                                    tolerance_ok=all(e.ok for e in errors) if float32 else None)
