@@ -196,6 +196,8 @@ class Bundle:
             if array.ndim != len(spec.shape) or any(array.shape[axis] != size for axis, size in fixed):
                 raise BrickDeployInputError(f"Input {spec.name!r} has shape {list(array.shape)}; the bundle takes "
                                             f"{list(spec.shape)} (named axes may have any size).")
+            if not array.dtype.isnative:  # a byte-swapped array (">f4" here) would be read as garbage
+                array = array.astype(array.dtype.newbyteorder("="))
             feeds[spec.name] = array
         return feeds
 
