@@ -208,3 +208,11 @@ def test_a_staged_folder_gets_the_umask_permissions(tmp_path, umask_027):
         with staged_folder(tmp_path / "bundle", overwrite=overwrite) as staging:
             (staging / "model.onnx").write_bytes(b"onnx")
         assert mode(tmp_path / "bundle") == umask_027
+
+
+def test_a_failed_folder_write_leaves_no_folders_it_made(tmp_path):
+    from torchbricks_fx.files import staged_folder
+
+    with pytest.raises(RuntimeError, match="interrupted"), staged_folder(tmp_path / "new" / "sub" / "bundle", False):
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []

@@ -198,14 +198,19 @@ def staged_folder(folder: str | os.PathLike[str], overwrite: bool,
     folder = Path(folder)
     recover_folder(folder)
     check_destination(folder, overwrite, error, is_folder=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(folder.parent)
     remove_stale_staging(folder)
     staging = _make_staging(folder, "tmp")
+    done = False
     try:
         yield staging
         replace_folder(staging, folder)
+        done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in reversed(created if not done else []):  # a failure leaves no folders it made
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def replace_folder(staging: Path, folder: Path) -> None:
