@@ -278,7 +278,7 @@ def staged_set(folder: str | os.PathLike[str], name: str, error: type[BrickError
     folder = Path(folder)
     check_destination(folder, True, error, is_folder=True)
     if not folder.exists():
-        with _new_folder(folder) as staging:
+        with staged_folder(folder, False, error) as staging:
             yield staging
             _write_manifest(staging, name)
         return
@@ -306,23 +306,6 @@ def recover_set(folder: str | os.PathLike[str], name: str) -> None:
         if pid is None or pid == os.getpid() or not _alive(pid):  # our own: a completion that raised
             _complete_set(folder, name, ready)
     remove_stale_staging(folder / name)
-
-
-@contextlib.contextmanager
-def _new_folder(folder: Path) -> Iterator[Path]:
-    created = _make_parents(folder.parent)
-    remove_stale_staging(folder)
-    staging = _make_staging(folder, "tmp")
-    done = False
-    try:
-        yield staging
-        os.rename(staging, folder)  # fails rather than replace a folder created meanwhile (unless empty)
-        done = True
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in reversed(created if not done else []):
-            with contextlib.suppress(OSError):
-                parent.rmdir()
 
 
 def _manifest(folder: Path, name: str) -> Path:
