@@ -95,7 +95,8 @@ def test_names_edited_in_place_change_the_brick_they_were_read_from_only():
     clone.input_names.append("extra")
     mapped = BrickTrainable(Scale(1.0), input_names={"x": "a"}, output_names=["b"])
     mapped.input_names["x"] = "c"
-    assert brick.input_names == ["y"] and clone.input_names == ["y", "extra"]
+    clone.input_names.sort(key=str)  # keywords too
+    assert brick.input_names == ["y"] and clone.input_names == ["extra", "y"]
     assert mapped.input_names == {"x": "c"} and type(pickle.loads(pickle.dumps(clone.input_names))) is list
 
 
@@ -282,6 +283,17 @@ def test_a_submodule_swapped_in_after_the_first_call_runs_in_the_stage_mode(runt
     collection.eval()
     collection({"x": torch.randn(8, 4)}, Stage.TRAIN)
     assert normalized[1].num_batches_tracked.item() == 1 and not normalized[1].training
+
+
+def test_a_copied_stage_module_watches_its_own_modules():
+    collection = BrickCollection({"head": BrickTrainable(Head(), input_names=["x"], output_names=["y"])})
+    stage = copy.deepcopy(compile_stage(collection, Stage.INFERENCE))
+    x = torch.ones(8, 4)
+    stage({"x": x})
+    head = next(m for m in stage.graph_module.modules() if isinstance(m, Head))  # the copy's own
+    head.fc = nn.Sequential(nn.Dropout(p=0.5), nn.Linear(4, 4))
+    head.train()
+    assert torch.equal(stage({"x": x})["y"], stage({"x": x})["y"])
 
 
 @pytest.mark.parametrize("runtime", ["eager", "stage module"])

@@ -112,8 +112,8 @@ class _Watched:
     _attribute: str
     _plain: type
 
-    def _assign_back(self, edit: Any, *args: Any) -> Any:
-        result = edit(self, *args)
+    def _assign_back(self, edit: Any, *args: Any, **kwargs: Any) -> Any:
+        result = edit(self, *args, **kwargs)
         setattr(self._owner, self._attribute, self.copy())  # type: ignore[attr-defined]
         return result
 
@@ -143,8 +143,8 @@ def _watch(cls: type, base: type, methods: tuple[str, ...]) -> None:
 
 
 def _edit(method: Any) -> Any:
-    def edit(self: _Watched, *args: Any) -> Any:
-        return self._assign_back(method, *args)
+    def edit(self: _Watched, *args: Any, **kwargs: Any) -> Any:
+        return self._assign_back(method, *args, **kwargs)
     edit.__name__ = method.__name__
     return edit
 

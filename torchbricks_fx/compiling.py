@@ -255,9 +255,10 @@ class CompiledGraph:
         # for frozen weights only (it changes gradients' rounding in TRAIN and costs per call otherwise).
         # TRAIN draws its random numbers (dropout) from torch's generator, as eager does: same seed, same
         # masks, same gradients (Inductor's own generator would draw others).
-        saved = inductor.freezing, inductor.layout_optimization, inductor.fallback_random
+        saved = inductor.freezing, inductor.layout_optimization
         inductor.freezing, inductor.layout_optimization = variant.frozen, saved[1] and variant.frozen
-        inductor.fallback_random = saved[2] or self.training
+        if self.training:  # config reads cost ~1 us each: eval stages leave this flag alone
+            saved_random, inductor.fallback_random = inductor.fallback_random, True
         before, start = stats["unique_graphs"], time.perf_counter()
         try:
             if self.options.autocast is None and not self._strict():
@@ -270,7 +271,9 @@ class CompiledGraph:
                             "torch.cond for a branch on tensor values, or build the stage without compile=)")
             raise
         finally:
-            inductor.freezing, inductor.layout_optimization, inductor.fallback_random = saved
+            inductor.freezing, inductor.layout_optimization = saved
+            if self.training:
+                inductor.fallback_random = saved_random
         compiled = stats["unique_graphs"] - before
         self._compiled_last = bool(compiled)
         if compiled:

@@ -149,6 +149,11 @@ class BoundStage:
         watch_module_tree(bound)
         return bound
 
+    def __setstate__(self, state: dict[str, Any]) -> None:  # a copy (deepcopy, pickle) watches its own modules
+        self.__dict__.update(state)
+        self.walk_modules()
+        watch_module_tree(self)
+
     def walk_modules(self, joining: nn.Module | None = None) -> None:
         """Collects every module under the called ones, and under ``joining``: a submodule being registered
         under one of them (torch's hook runs before it is attached), so that a layer swapped in after the
