@@ -310,6 +310,7 @@ NO_TORCH_ERRORS = [
     (["export", EXAMPLE, "--stage", "deploy", "-o", "{d}/x.onnx"], "Unknown stage 'deploy'"),
     (["deploy", EXAMPLE, "--candidates", "tensorrt", "--max-metric-drop", "none", "-o", "{d}/b"], "'tensorrt'"),
     (["lock", EXAMPLE, "-o", "{d}"], "it is a folder"),
+    (["check", EXAMPLE, "--lock", "{d}/missing.lock.json"], "No lock file"),
 ]
 
 

@@ -352,7 +352,7 @@ def _with_schema(schema: str) -> str:
 
 
 @pytest.mark.parametrize(("content", "fragments"), [
-    (None, ["No lock file", "torchbricks-fx lock FILE -o"]),
+    (None, ["No lock file", "torchbricks-fx lock "]),
     ("{not json", ["is not a lock file: it is not valid JSON"]),
     ('{"results": []}', ["is not a torchbricks_fx lock file", "expected 'torchbricks_fx.lock/1'"]),
     (_with_schema("torchbricks_fx.lock/0"), ["has lock schema 'torchbricks_fx.lock/0'", "Regenerate it"]),

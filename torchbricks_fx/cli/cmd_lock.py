@@ -90,6 +90,8 @@ def run_lock(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    if not Path(args.lock).is_file():  # answered without importing torch, as argument errors are
+        raise CliError(f"No lock file {args.lock!r}; write one with {PROG} lock {args.file} -o {args.lock}.")
     from torchbricks_fx.lockfile_diff import diff_locks, render_lock_diff
     from torchbricks_fx.lockfile_format import read_lock
 
