@@ -50,8 +50,9 @@ def parse_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
-def parse_backends(backends: str | Sequence[str], device: torch.device) -> tuple[str, ...]:
-    """Validates backend names (a sequence or a comma-separated string) for ``device``, before any work."""
+def parse_backends(backends: str | Sequence[str], device: torch.device | None) -> tuple[str, ...]:
+    """Validates backend names (a sequence or a comma-separated string) for ``device``, before any work
+    (``None``: the names alone, as the CLI checks them before importing torch)."""
     names = [b.strip() for b in backends.split(",")] if isinstance(backends, str) else [str(b) for b in backends]
     names = [name for name in names if name]
     unknown = [name for name in names if name not in BACKENDS]
@@ -59,7 +60,7 @@ def parse_backends(backends: str | Sequence[str], device: torch.device) -> tuple
         shown = ", ".join(map(repr, unknown)) if unknown else "none"
         raise BrickBackendError(f"Unknown backend(s) {shown}; valid backends: {', '.join(BACKENDS)} "
                                 f"({', '.join(CUDA_ONLY_BACKENDS)} only with device='cuda').")
-    cuda_only = [name for name in names if name in CUDA_ONLY_BACKENDS and device.type != "cuda"]
+    cuda_only = [name for name in names if name in CUDA_ONLY_BACKENDS and device is not None and device.type != "cuda"]
     if cuda_only:
         raise BrickBackendError(f"Backend(s) {', '.join(map(repr, cuda_only))} need device='cuda' (CUDA graphs); "
                                 f"the requested device is {str(device)!r}.")

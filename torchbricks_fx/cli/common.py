@@ -12,14 +12,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO
 
 from torchbricks_fx.errors import BrickError, add_note
 from torchbricks_fx.stage import Stage
 
 if TYPE_CHECKING:
-    import torch
 
     from torchbricks_fx.collection import BrickCollection
 
@@ -186,15 +184,11 @@ def check_device_name(text: str) -> None:
         raise CliError(f"Unknown device {text!r}; valid devices: 'cpu', 'cuda', 'cuda:N'.")
 
 
-# parse_backends reads only ``device.type``: on a CUDA stand-in it checks the names alone.
-_EVERY_BACKEND = cast("torch.device", SimpleNamespace(type="cuda"))
-
-
 def check_backend_names(text: str) -> None:
     """Refuses unknown backend names (whether they fit the device is checked once it is parsed)."""
     from torchbricks_fx.backends import parse_backends
 
-    parse_backends(text, _EVERY_BACKEND)
+    parse_backends(text, None)
 
 
 def check_timing(threads: int | None, min_run_time: float) -> None:
