@@ -53,7 +53,7 @@ from torchbricks_fx.compile_variants import (
     seconds_per_call,
 )
 from torchbricks_fx.errors import BrickBackendError, add_note
-from torchbricks_fx.runtime import preserved_state
+from torchbricks_fx.runtime import forked_rng, preserved_state
 from torchbricks_fx.stage import Stage
 
 __all__ = ["CompileOptions"]
@@ -233,8 +233,7 @@ class CompiledGraph:
             args = resized(args, 2)
         # A second run of the same inputs: nothing it changes may stay (TRAIN's BatchNorm statistics, dropout's
         # random numbers).
-        devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"][:1]
-        with preserved_state(self.graph_module), torch.random.fork_rng(devices=devices):
+        with preserved_state(self.graph_module), forked_rng(args):
             variant = dynamic.variant or self._choose(dynamic, args)
             if variant.compiled:
                 if variant.frozen:

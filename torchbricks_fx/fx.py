@@ -43,6 +43,7 @@ from torchbricks_fx.runtime import (
     check_inputs,
     enter_modes,
     exit_modes,
+    forked_rng,
     note_training_call,
     preserved_state,
     resize_batch,
@@ -338,8 +339,7 @@ class StageModule(nn.Module):
             return results
         # A compiled stage checks eagerly (restoring what the check moved), then its first call compiles, as a
         # warm-up expects.
-        devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"][:1]
-        with preserved_state(self.graph_module), torch.random.fork_rng(devices=devices), torch.no_grad():
+        with preserved_state(self.graph_module), forked_rng(args), torch.no_grad():
             _ArityCheck(self.graph_module).run(*args)  # draws no random numbers the real call would
         self._arity_checked = True
         return self._graph_forward(*args)

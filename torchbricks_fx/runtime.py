@@ -320,6 +320,13 @@ def resize_batch(named_inputs: Mapping[str, Any], batch_size: int,
     return resized
 
 
+def forked_rng(args: Sequence[Any]) -> contextlib.AbstractContextManager[Any]:
+    """The random number generators of the CPU and of the CUDA device ``args`` are on, restored after the
+    block: an extra run of a stage (a check, a warm-up) must not shift what the real calls draw."""
+    devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"][:1]
+    return torch.random.fork_rng(devices=devices)
+
+
 @contextlib.contextmanager
 def preserved_state(module: nn.Module) -> Iterator[None]:
     """Restores ``module``'s buffers (BatchNorm statistics move in TRAIN) and torchmetrics states (metric
