@@ -257,6 +257,9 @@ DEPLOY_MODEL = """
 
     def without_targets():
         return [{"x": torch.randn(2, 4)}]
+
+    def without_metrics():
+        return BrickCollection({"head": BrickTrainable(nn.Linear(4, 3), ["x"], ["logits"])}), {"x": torch.randn(2, 4)}
 """
 
 
@@ -265,6 +268,7 @@ def deploy_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "model.py").write_text(textwrap.dedent(DEPLOY_MODEL))
     (tmp_path / "logs").mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "logs"))  # where output_to_log keeps its logs
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # else made in tempdir on first use
     return tmp_path / "model.py"
 
 
@@ -299,6 +303,13 @@ def test_deploy_refuses_an_existing_folder_in_the_command_lines_words(capsys, de
                        str(deploy_model.parent / "bundle"))
     assert code == 1 and "bundle already exists; pass --overwrite to replace it" in err
     assert "overwrite=True" not in err and not (deploy_model.parent / "build_ran").exists()
+
+
+def test_deploy_advice_names_the_command_lines_options(capsys, deploy_model):
+    code, _, err = run(capsys, "deploy", f"{deploy_model}:without_metrics", "--validation", str(deploy_model), "-o",
+                       str(deploy_model.parent / "bundle"))
+    assert_user_error(code, err, "no metric bricks alive in stage validation nor test")
+    assert "--max-metric-drop none" in err and "max_metric_drop=None" not in err
 
 
 # ------------------------------------------------------------------------------------------- no torch

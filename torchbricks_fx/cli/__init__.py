@@ -18,6 +18,7 @@ paragraph on stderr, without a traceback unless ``--traceback`` is given.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -67,9 +68,16 @@ def _exit_code(error: BrickError) -> int:
     return 1 if isinstance(error, (BrickExportError, BrickDeployError)) else 2
 
 
+def _quiet_torch_import_noise() -> None:
+    """torch's C++-extension module (imported by ``torch.utils.benchmark``) logs a warning on every machine
+    with a CUDA wheel but no CUDA runtime; it is about building extensions, which no command does."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit code (0 ok, 1 failed or problems found, 2 bad input)."""
     args = _parser().parse_args(argv)
+    _quiet_torch_import_noise()
     try:
         return int(args.run(args))
     except BrickError as error:

@@ -203,12 +203,22 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or "(no message)"
 
 
+# The library's advice names keyword arguments; here the same advice names the options that set them.
+_CLI_TERMS = (
+    ("pass overwrite=True", "pass --overwrite"),
+    ("give validation batches and a max_metric_drop", "give --validation and a --max-metric-drop"),
+    ("max_metric_drop=None", "--max-metric-drop none"),
+)
+
+
 def paragraph(error: BaseException) -> str:
     """The error's message and notes as one paragraph (no blank lines; list items kept on their own lines),
-    in the command line's terms: the library's "pass overwrite=True" is ``--overwrite`` here."""
+    in the command line's terms (``_CLI_TERMS``)."""
     notes = [note for note in getattr(error, "__notes__", ()) if isinstance(note, str)]
     text = "\n".join(line for line in [*str(error).splitlines(), *notes] if line.strip())
-    return text.replace("pass overwrite=True", "pass --overwrite")
+    for library_terms, cli_terms in _CLI_TERMS:
+        text = text.replace(library_terms, cli_terms)
+    return text
 
 
 @contextlib.contextmanager
