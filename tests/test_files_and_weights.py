@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from torchbricks_fx import BrickCollection, BrickError, BrickTrainable
-from torchbricks_fx.files import staged_folder
+from torchbricks_fx.files import staged_folder, staged_set, write_text
 
 
 def dense(*names: str, seed: int = 0) -> BrickCollection:
@@ -216,3 +216,44 @@ def test_a_failed_folder_write_leaves_no_folders_it_made(tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"), staged_folder(tmp_path / "new" / "sub" / "bundle", False):
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- unwritable places
+class WriteError(BrickError):
+    """The error class a writer hands to files.py (exports, locks and bundles each have theirs)."""
+
+
+def write_file(path: Path) -> None:
+    write_text(path, "{}\n", error=WriteError)
+
+
+def write_folder(path: Path) -> None:
+    with staged_folder(path, False, WriteError) as staging:
+        (staging / "model.onnx").write_bytes(b"onnx")
+
+
+def write_set(path: Path) -> None:
+    with staged_set(path, "bricks", WriteError) as staging:
+        (staging / "enc.pt").write_bytes(b"pt")
+
+
+@pytest.mark.parametrize("write", [write_file, write_folder, write_set])
+def test_a_place_where_nothing_can_be_created_raises_the_writers_error_naming_the_destination(write):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, a folder where no file can be created")
+    with pytest.raises(WriteError, match=r"^Cannot write /proc/x\.out: ") as raised:
+        write(Path("/proc/x.out"))
+    assert ".tbfx" not in str(raised.value)  # not the hidden staging path
+
+
+def test_a_failed_move_into_place_raises_the_writers_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    path.write_text("old\n")
+
+    def disk_full(source: object, destination: object) -> None:
+        raise OSError(28, "No space left on device", str(source))
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(WriteError, match=f"^Cannot write {path}: No space left on device$"):
+        write_text(path, "new\n", error=WriteError)
+    assert path.read_text() == "old\n" and listing(tmp_path) == ["report.json"]

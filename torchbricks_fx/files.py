@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from torchbricks_fx.errors import BrickError
+from torchbricks_fx.errors import BrickError, error_summary
 
 __all__ = ["recover_folder", "recover_set", "staged_file", "staged_folder", "staged_set", "write_text"]
 
@@ -37,6 +37,16 @@ _TAG = "tbfx"
 
 def _staging_prefix(name: str) -> str:
     return f".{name}.{_TAG}-{os.getpid()}-"
+
+
+@contextlib.contextmanager
+def _named(path: Path, error: type[BrickError]) -> Iterator[None]:
+    """An ``OSError`` of the block (a read-only or missing parent, a full disk) as ``error`` naming ``path``:
+    the OS would name the hidden staging path, which the user never asked for."""
+    try:
+        yield
+    except OSError as cause:
+        raise error(f"Cannot write {path}: {cause.strerror or error_summary(cause)}") from cause
 
 
 def _make_staging(path: Path, kind: str) -> Path:
@@ -98,13 +108,15 @@ def staged_file(path: str | os.PathLike[str], overwrite: bool, error: type[Brick
     folder in any case, and the folders it created when nothing was written."""
     path = Path(path)
     check_destination(path, overwrite, error)
-    created = _make_parents(path.parent)
-    remove_stale_staging(path)
-    staging = _make_staging(path, "tmp")
+    with _named(path, error):
+        created = _make_parents(path.parent)
+        remove_stale_staging(path)
+        staging = _make_staging(path, "tmp")
     committed = False
     try:
         yield staging / path.name
-        _commit(staging, path, overwrite, error, sidecars)
+        with _named(path, error):
+            _commit(staging, path, overwrite, error, sidecars)
         committed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -117,7 +129,7 @@ def staged_file(path: str | os.PathLike[str], overwrite: bool, error: type[Brick
 def write_text(path: str | os.PathLike[str], text: str, overwrite: bool = True,
                error: type[BrickError] = BrickError) -> Path:
     """Writes ``text`` to ``path`` atomically (a reader never sees half a file)."""
-    with staged_file(path, overwrite, error) as staged:
+    with staged_file(path, overwrite, error) as staged, _named(Path(path), error):
         staged.write_text(text, encoding="utf-8")
     return Path(path)
 
@@ -196,15 +208,18 @@ def staged_folder(folder: str | os.PathLike[str], overwrite: bool,
     """Yields an empty staging folder next to ``folder``; when the block succeeds, it replaces ``folder``
     (see :func:`replace_folder`).  On failure the staging folder is removed and ``folder`` is untouched."""
     folder = Path(folder)
-    recover_folder(folder)
+    with _named(folder, error):
+        recover_folder(folder)
     check_destination(folder, overwrite, error, is_folder=True)
-    created = _make_parents(folder.parent)
-    remove_stale_staging(folder)
-    staging = _make_staging(folder, "tmp")
+    with _named(folder, error):
+        created = _make_parents(folder.parent)
+        remove_stale_staging(folder)
+        staging = _make_staging(folder, "tmp")
     done = False
     try:
         yield staging
-        replace_folder(staging, folder)
+        with _named(folder, error):
+            replace_folder(staging, folder)
         done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -282,18 +297,21 @@ def staged_set(folder: str | os.PathLike[str], name: str, error: type[BrickError
             yield staging
             _write_manifest(staging, name)
         return
-    recover_set(folder, name)
-    staging = _make_staging(folder / name, "tmp")
+    with _named(folder, error):
+        recover_set(folder, name)
+        staging = _make_staging(folder / name, "tmp")
     try:
         yield staging
         _check_targets(staging, folder, error)
-        _write_manifest(staging, name)
-        ready = staging.with_name(staging.name.removesuffix(".tmp") + ".ready")
-        os.rename(staging, ready)  # the commit point
+        with _named(folder, error):
+            _write_manifest(staging, name)
+            ready = staging.with_name(staging.name.removesuffix(".tmp") + ".ready")
+            os.rename(staging, ready)  # the commit point
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _complete_set(folder, name, ready)
+    with _named(folder, error):
+        _complete_set(folder, name, ready)
 
 
 def recover_set(folder: str | os.PathLike[str], name: str) -> None:
