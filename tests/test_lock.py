@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import nn
 from torchbricks_fx import (
     BrickCollection,
     BrickLockError,
+    BrickLoss,
     BrickTrainable,
     Lock,
     LockChange,
@@ -28,9 +29,10 @@ from torchbricks_fx import (
     read_lock,
     write_lock,
 )
-from torchbricks_fx.cli import main
+from torchbricks_fx.cli import cmd_lock, main
 from torchbricks_fx.lockfile_diff import render_lock_diff
-from torchbricks_fx.lockfile_format import SCHEMA
+from torchbricks_fx.lockfile_format import SCHEMA, OnnxLock
+from torchbricks_fx.plan import FrozenMap
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cli_model.py"
@@ -354,14 +356,23 @@ def _with_schema(schema: str) -> str:
 @pytest.mark.parametrize(("content", "fragments"), [
     (None, ["No lock file", "torchbricks-fx lock "]),
     ("{not json", ["is not a lock file: it is not valid JSON"]),
-    ('{"results": []}', ["is not a torchbricks_fx lock file", "expected 'torchbricks_fx.lock/1'"]),
+    ('{"results": []}', ["is not a torchbricks_fx lock file", f"expected {SCHEMA!r}"]),
     (_with_schema("torchbricks_fx.lock/0"), ["has lock schema 'torchbricks_fx.lock/0'", "Regenerate it"]),
-    ('{"schema": "torchbricks_fx.lock/1", "stages": {}}', ["not a well-formed lock file (missing key 'bricks')"]),
-    ('{"schema": "torchbricks_fx.lock/1", "bricks": {}, "stages": {"train": {"bricks": ["a"]}}}',
+    (_with_schema("torchbricks_fx.lock/1"), ["has lock schema 'torchbricks_fx.lock/1'", "Regenerate it"]),
+    (f'{{"schema": "{SCHEMA}", "stages": {{}}}}', ["not a well-formed lock file (missing key 'bricks')"]),
+    (f'{{"schema": "{SCHEMA}", "bricks": {{}}, "stages": {{"train": {{"bricks": ["a"]}}}}}}',
      ["not a well-formed lock file"]),
     (EXAMPLE_LOCK.read_text().replace('"parameter_count": 27', '"parameter_count": "27"'),
-     ["not a well-formed lock file", "expected an integer, found '27'"]),
-])
+     ["not a well-formed lock file", "bricks.head: expected an integer, found '27'"]),
+    # A string where a list belongs is not read as a list of characters.
+    (EXAMPLE_LOCK.read_text().replace('"outputs": ["normalized", "features", "logits", "probabilities"],\n'
+                                      '      "pruned": {"loss": "dead in stage inference"}',
+                                      '"outputs": "logits",\n      "pruned": {"loss": "dead in stage inference"}'),
+     ["not a well-formed lock file (stages.inference.outputs: expected a list, found 'logits')"]),
+    (EXAMPLE_LOCK.read_text().replace('"shape": [3, 8]', '"shape": "38"'),
+     ["(bricks.head.parameters.fc.weight.shape: expected a list, found '38')"]),
+], ids=["missing", "not-json", "other-json", "schema-0", "schema-1", "no-bricks", "unknown-brick", "string-count",
+        "string-outputs", "string-shape"])
 def test_unusable_lock_files_exit_2_naming_the_file(capsys, tmp_path, content, fragments):
     path = tmp_path / "bricks.lock.json"
     if content is not None:
@@ -426,3 +437,181 @@ def test_a_changed_execution_order_is_reported():
     messages = [c.message for c in changes if c.stage == "inference"]
     assert messages == ["execution order changed: linear -> everything => everything -> linear",
                         "output order changed: y -> n => n -> y"]
+
+
+# ------------------------------------------------------------------------------------------- review fixes
+class Subtract(nn.Module):
+    def forward(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return b - a
+
+
+KEYWORD_BUILD = '''
+import torch
+from torch import nn
+from torchbricks_fx import BrickCollection, BrickTrainable
+
+class Subtract(nn.Module):
+    def forward(self, b, a):
+        return b - a
+
+def build():
+    brick = BrickTrainable(Subtract(), input_names={"b": "x", "a": "y"}, output_names=["d"])
+    return BrickCollection({"sub": brick}), {"x": torch.randn(2, 3), "y": torch.randn(2, 3)}
+'''
+
+
+def test_keyword_inputs_not_in_alphabetical_order_pass_check(capsys, tmp_path):
+    collection = BrickCollection({"sub": BrickTrainable(Subtract(), input_names={"b": "x", "a": "y"},
+                                                        output_names=["d"])})
+    named_inputs = {"x": torch.randn(2, 3), "y": torch.randn(2, 3)}
+    path = write_lock(lock(collection, named_inputs), tmp_path / "kw.lock.json")
+    assert diff_locks(read_lock(path), lock(collection, named_inputs)) == []
+
+    build_file = tmp_path / "kw_model.py"
+    build_file.write_text(KEYWORD_BUILD)
+    assert run_cli(capsys, "lock", str(build_file), "-o", str(path))[0] == 0
+    code, out, _ = run_cli(capsys, "check", str(build_file), "--lock", str(path))
+    assert code == 0, out
+
+
+def test_exporter_versions_are_shown_in_the_same_order_whatever_their_order():
+    recorded = lock(*build())
+    onnx = OnnxLock(17, FrozenMap({"Relu": 1}), FrozenMap({"torch": "2.0", "onnx": "1.0"}))
+    upgraded = OnnxLock(17, FrozenMap({"Relu": 2}), FrozenMap({"onnx": "1.0", "torch": "2.1"}))
+    changes = diff_locks(dataclasses.replace(recorded, onnx=onnx), dataclasses.replace(recorded, onnx=upgraded))
+    assert changes[-1].message == ("(exporter versions {'onnx': '1.0', 'torch': '2.0'} -> "
+                                   "{'onnx': '1.0', 'torch': '2.1'})")
+
+
+BACKBONE_NOT_IN_EXPORT = ('"backbone": BrickTrainable(', '"backbone": BrickTrainable(alive_stages=["train", '
+                          '"validation", "test", "inference"], model=')
+
+
+@pytest.mark.slow
+def test_an_export_stage_made_invalid_shows_in_the_onnx_diff_not_as_a_crash(capsys, tmp_path):
+    path = tmp_path / "bricks.lock.json"
+    assert run_cli(capsys, "lock", str(EXAMPLE), "-o", str(path), "--onnx-ops")[0] == 0
+    changed = tmp_path / "model.py"
+    changed.write_text(EXAMPLE.read_text().replace(*BACKBONE_NOT_IN_EXPORT))
+    code, out, _ = run_cli(capsys, "check", str(changed), "--lock", str(path))
+    assert code == 1
+    assert out.startswith("stage export:\n  - the stage is now invalid (it ran preprocessor -> backbone -> head)\n")
+    assert "  - no ONNX operator histogram: stage export is invalid\n" in out
+
+    code, _, err = run_cli(capsys, "lock", str(changed), "-o", str(path), "--onnx-ops")
+    assert code == 0 and "warning: no ONNX operator histogram: stage export is invalid" in err
+    recorded = read_lock(path).onnx
+    assert recorded is not None and recorded.not_exported == "stage export is invalid"
+    assert recorded.operators == {} and recorded.opset is None
+
+
+def test_lazy_modules_are_locked_with_their_shapes_after_the_stages_ran():
+    collection = BrickCollection({"encoder": BrickTrainable(nn.LazyLinear(4), input_names=["x"],
+                                                            output_names=["y"])})
+    named_inputs = {"x": torch.randn(2, 3)}
+    recorded = lock(collection, named_inputs)
+    encoder = recorded.bricks["encoder"]
+    assert encoder.parameters["weight"].shape == (4, 3) and encoder.parameter_count == 16
+    assert diff_locks(recorded, lock(collection, named_inputs)) == []
+
+
+@pytest.mark.parametrize(("module", "named_inputs", "fragment"), [
+    (nn.LazyBatchNorm1d(), {"x": torch.randn(2, 3)}, "buffer 'running_mean' is uninitialized (a lazy module)"),
+    (nn.LazyLinear(4), {}, "parameter 'weight' is uninitialized (a lazy module): a stage did not run on the "
+                           "example inputs (Input 'x'"),
+])
+def test_lazy_modules_that_cannot_be_locked_raise_naming_the_brick(module, named_inputs, fragment):
+    collection = BrickCollection({"encoder": BrickTrainable(module, input_names=["x"], output_names=["y"])})
+    with pytest.raises(BrickLockError, match="Brick 'encoder'") as raised:
+        lock(collection, named_inputs)
+    assert fragment in str(raised.value)
+
+
+class Scores(nn.Module):
+    def __init__(self, classes: int = 3, dtype: torch.dtype = torch.float32, extra: bool = False) -> None:
+        super().__init__()
+        self.fc, self.dtype, self.extra = nn.Linear(2, classes), dtype, extra
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        scores = self.fc(x)
+        out: dict[str, Any] = {"scores": scores.to(self.dtype), "pair": [scores, scores.sum(1)]}
+        if self.extra:
+            out["extra"] = (scores,)
+        return out
+
+
+def scores_lock(**options: Any) -> Lock:
+    collection = BrickCollection({"scores": BrickTrainable(Scores(**options), input_names=["x"],
+                                                           output_names=["out"])})
+    return lock(collection, {"x": torch.randn(4, 2)})
+
+
+def test_values_inside_dicts_and_lists_are_locked_and_their_changes_reported():
+    recorded = scores_lock()
+    out = recorded.stages["inference"].values["out"]
+    assert out.type == "dict" and isinstance(out.items, Mapping) and list(out.items) == ["pair", "scores"]
+    assert out.items["scores"].describe() == "[batch, 3] float32"
+    assert [item.describe() for item in out.items["pair"].items or ()] == ["[batch, 3] float32", "[batch] float32"]
+    assert read_lock_roundtrip(recorded) == recorded
+
+    changes = diff_locks(recorded, scores_lock(dtype=torch.float16, extra=True))
+    assert stages_with(changes, subject="value", name="out['scores']", brick="scores", what="dtype") == ALL_STAGES
+    text = render_lock_diff(changes)
+    assert "  - value 'out'['scores'] (from brick 'scores'): dtype float32 -> float16\n" in text
+    assert "  - value 'out'['extra'] (from brick 'scores') added (tuple)\n" in text
+    assert "'out'['extra'][0]" not in text  # the items of an added value are not listed again
+    wider = render_lock_diff(diff_locks(recorded, scores_lock(classes=5)))
+    assert "value 'out'['pair'][0] (from brick 'scores'): shape [batch, 3] -> [batch, 5]" in wider
+
+
+def test_which_outputs_count_as_losses_is_locked():
+    def with_auxiliary_loss(counted: str) -> BrickCollection:
+        collection, _ = build()
+        collection["auxiliary"] = BrickLoss(nn.CrossEntropyLoss(), input_names=["logits", "targets"],
+                                            output_names=["loss_aux"], loss_output_names=counted)
+        return collection
+
+    named_inputs = build()[1]
+    recorded = lock(with_auxiliary_loss("all"), named_inputs)
+    assert recorded.bricks["auxiliary"].loss_output_names == ("loss_aux",)
+    assert recorded.bricks["head"].loss_output_names == ()
+    changes = diff_locks(recorded, lock(with_auxiliary_loss("none"), named_inputs))
+    assert stages_with(changes, subject="brick", name="auxiliary", what="loss_output_names") == LOSS_STAGES
+    assert "brick 'auxiliary': loss outputs ['loss_aux'] -> []" in render_lock_diff(changes)
+
+
+def test_lock_overwrite_over_a_lock_file_still_prints_what_changed(capsys, tmp_path):
+    path = tmp_path / "bricks.lock.json"
+    path.write_bytes(EXAMPLE_LOCK.read_bytes())
+    changed = tmp_path / "model.py"
+    changed.write_text(EXAMPLE.read_text().replace("Head(),", "Head(num_classes=4),"))
+    code, out, _ = run_cli(capsys, "lock", str(changed), "-o", str(path), "--overwrite")
+    assert code == 0 and out.startswith(f"changes from the previous {path}:\n")
+    assert "brick 'head': parameter 'fc.weight' shape [3, 8] -> [4, 8]" in out
+
+
+def test_output_and_lock_file_refusals_answer_without_importing_torch(tmp_path):
+    precious, folder = tmp_path / "model.py", tmp_path / "locks"
+    precious.write_text("print('my model')\n")
+    folder.mkdir()
+    argvs = [["lock", str(EXAMPLE), "-o", str(precious)], ["check", str(EXAMPLE), "--lock", str(folder)]]
+    script = ("import json, sys\nsys.modules['torch'] = None  # importing torch now fails\n"
+              "from torchbricks_fx.cli import main\nprint(json.dumps([main(a) for a in json.loads(sys.argv[1])]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert json.loads(done.stdout) == [1, 2], done.stderr
+    assert f"{precious} exists and is not a lock file; pass --overwrite" in done.stderr
+    assert f"'{folder}' is a folder, not a lock file" in done.stderr and "No lock file" not in done.stderr
+    assert precious.read_text() == "print('my model')\n"
+    assert SCHEMA.startswith(cmd_lock.SCHEMA_PREFIX)
+
+
+def test_a_lock_file_that_cannot_be_written_is_a_lock_error_naming_it(capsys):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, a folder where no file can be created")
+    with pytest.raises(BrickLockError, match=r"^Cannot write /proc/x\.lock\.json: ") as raised:
+        write_lock(lock(*build()), "/proc/x.lock.json")
+    assert ".tbfx" not in str(raised.value)
+    code, _, err = run_cli(capsys, "lock", str(EXAMPLE), "-o", "/proc/x.lock.json")
+    assert code == 2 and "Cannot write /proc/x.lock.json: " in err and ".tbfx" not in err

@@ -2,11 +2,12 @@
 
 A :class:`~torchbricks_fx.lockfile_format.Lock` records, per stage, the bricks in execution order, the
 required inputs, the outputs, the pruned bricks with their reasons, the shape (dimension 0 written
-``"batch"`` where it is the batch size) and dtype of every value on the example inputs, and a sha256 of
-the stage's graph structure; per brick that runs in some stage, its brick and module classes, submodule
-classes, parameter and buffer names with shapes and dtypes, parameter count, ``calculate_gradients`` and
-connections.  Weights' values are not recorded: training changes them.  ``lockfile_format.py`` holds the
-dataclasses and the file format, ``lockfile_diff.py`` compares two locks.
+``"batch"`` where it is the batch size) and dtype of every value on the example inputs (inside dicts,
+lists and tuples too), and a sha256 of the stage's graph structure; per brick that runs in some stage, its
+brick and module classes, submodule classes, parameter and buffer names with shapes and dtypes, parameter
+count, ``calculate_gradients``, connections and which outputs count as losses.  Weights' values are not
+recorded: training changes them.  ``lockfile_format.py`` holds the dataclasses and the file format,
+``lockfile_diff.py`` compares two locks.
 
 Nothing recorded depends on the process or the machine: classes are named without their module (a build
 file's module name depends on how it was loaded), and there are no paths and no versions, except in the
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from torchbricks_fx.brick import Brick, BrickMetrics, BrickModule, CallableModule
-from torchbricks_fx.errors import BrickGraphError, BrickLockError, error_summary
+from torchbricks_fx.errors import BrickExportError, BrickGraphError, BrickLockError, error_summary
 from torchbricks_fx.lockfile_format import (
     BATCH,
     BrickLock,
@@ -60,7 +61,8 @@ def lock(collection: BrickCollection, named_inputs: Mapping[str, Any], *, onnx_o
     input the examples lack, a brick that raises) with the reason its values are not recorded, so that a
     change that breaks a stage shows up in :func:`~torchbricks_fx.lockfile_diff.diff_locks`.
     ``onnx_ops=True`` also exports the EXPORT stage to ONNX (unverified, in a temporary folder) and records
-    its operator histogram."""
+    its operator histogram, or why there is none (the stage is invalid, cannot run, or fails to export).
+    Lazy modules are initialized by the stages' run (their shapes are recorded after it)."""
     from torchbricks_fx.collection import BrickCollection
 
     if not isinstance(collection, BrickCollection):
@@ -69,14 +71,22 @@ def lock(collection: BrickCollection, named_inputs: Mapping[str, Any], *, onnx_o
         raise BrickLockError(f"lock() takes named_inputs as a dict {{input name: tensor}}, not "
                              f"{type(named_inputs).__name__}.")
     bound = {stage: _bound_or_problems(collection, stage) for stage in Stage}
-    running = {name for b in bound.values() if isinstance(b, BoundStage) for name in b.plan.bricks}
+    running = {name: brick for name, brick in collection.bricks().items()
+               if any(isinstance(b, BoundStage) and name in b.plan.bricks for b in bound.values())}
+    _refuse_lazy(running, "buffer", "lock() cannot set such state aside to restore it; run the collection once "
+                                    "on example inputs before locking it")
     specs = {spec.name: spec for spec in collection.specs()[0]}
-    bricks = {name: _brick_lock(brick, specs[name]) for name, brick in collection.bricks().items() if name in running}
     with preserved_state(collection), torch.random.fork_rng(devices=_initialized_cuda_devices()):
-        stages = {stage.value: _stage_lock(b, bricks, named_inputs) if isinstance(b, BoundStage)
+        runs = {stage: _values(b, named_inputs) for stage, b in bound.items() if isinstance(b, BoundStage)}
+        reasons = [reason for _, reason in runs.values() if reason]
+        _refuse_lazy(running, "parameter", f"a stage did not run on the example inputs ({reasons[0]})" if reasons
+                     else "running the stages did not initialize it")
+        # After the runs: a lazy module's parameters have their shapes only once it ran.
+        bricks = {name: _brick_lock(brick, specs[name]) for name, brick in sorted(running.items())}
+        stages = {stage.value: _stage_lock(b, bricks, runs[stage]) if isinstance(b, BoundStage)
                   else StageLock(problems=b) for stage, b in bound.items()}
-        onnx = _onnx_lock(collection, named_inputs) if onnx_ops else None
-    return Lock(FrozenMap(stages), FrozenMap(dict(sorted(bricks.items()))), onnx)
+        onnx = _onnx_lock(collection, named_inputs, stages[Stage.EXPORT.value]) if onnx_ops else None
+    return Lock(FrozenMap(stages), FrozenMap(bricks), onnx)
 
 
 def _initialized_cuda_devices() -> list[int]:
@@ -91,10 +101,21 @@ def _bound_or_problems(collection: BrickCollection, stage: Stage) -> BoundStage 
         return tuple(sorted({problem.message for problem in error.problems}))
 
 
+def _refuse_lazy(bricks: Mapping[str, Brick], kind: str, why: str) -> None:
+    """Raises naming the first brick with an uninitialized (lazy) ``kind``, ``"buffer"`` or ``"parameter"``."""
+    for name, brick in bricks.items():
+        module = _described_module(brick)
+        tensors = module.named_buffers() if kind == "buffer" else module.named_parameters()
+        lazy = next((tensor_name for tensor_name, t in tensors if nn.parameter.is_lazy(t)), None)
+        if lazy is not None:
+            raise BrickLockError(f"Brick {name!r}: {kind} {lazy!r} is uninitialized (a lazy module): {why}.")
+
+
 def _brick_lock(brick: Brick, spec: BrickSpec) -> BrickLock:
     module = _described_module(brick)
     binding = spec.binding
-    inputs: Inputs = "all" if binding.takes_all else (FrozenMap(dict(binding.kwargs)) if binding.kwargs
+    # Keyword order does not matter to a call by keyword: sorted, as the file reads them back.
+    inputs: Inputs = "all" if binding.takes_all else (FrozenMap(dict(sorted(binding.kwargs))) if binding.kwargs
                                                        else binding.args)
     return BrickLock(
         brick_class=type(brick).__qualname__, module_class=_class_name(module), inputs=inputs, outputs=spec.outputs,
@@ -104,7 +125,8 @@ def _brick_lock(brick: Brick, spec: BrickSpec) -> BrickLock:
                               for name, p in sorted(module.named_parameters())}),
         buffers=FrozenMap({name: TensorLock(tuple(b.shape), _dtype(b.dtype))
                            for name, b in sorted(module.named_buffers())}),
-        submodules=FrozenMap({name: _class_name(m) for name, m in sorted(module.named_modules()) if name}))
+        submodules=FrozenMap({name: _class_name(m) for name, m in sorted(module.named_modules()) if name}),
+        loss_output_names=tuple(getattr(brick, "loss_output_names", ())))
 
 
 def _described_module(brick: Brick) -> nn.Module:
@@ -128,9 +150,10 @@ def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _stage_lock(bound: BoundStage, bricks: Mapping[str, BrickLock], named_inputs: Mapping[str, Any]) -> StageLock:
+def _stage_lock(bound: BoundStage, bricks: Mapping[str, BrickLock],
+                run: tuple[Mapping[str, ValueLock], str | None]) -> StageLock:
     plan = bound.plan
-    values, not_recorded = _values(bound, named_inputs)
+    values, not_recorded = run
     return StageLock(bricks=plan.bricks, required_inputs=plan.required_inputs, outputs=plan.outputs,
                      pruned=FrozenMap(dict(sorted(plan.pruned.items()))), values=values,
                      values_not_recorded=not_recorded, graph_sha256=_graph_sha256(plan, bricks))
@@ -151,6 +174,11 @@ def _values(bound: BoundStage, named_inputs: Mapping[str, Any]) -> tuple[Mapping
 
 
 def _value_lock(value: Any, batch: int | None) -> ValueLock:
+    if isinstance(value, Mapping):  # keys as text: a lock file's keys are strings
+        return ValueLock(type(value).__qualname__, items=FrozenMap(
+            {key: _value_lock(item, batch) for key, item in sorted((str(k), v) for k, v in value.items())}))
+    if isinstance(value, (list, tuple)):
+        return ValueLock(type(value).__qualname__, items=tuple(_value_lock(item, batch) for item in value))
     if not isinstance(value, torch.Tensor):
         return ValueLock(type(value).__qualname__)
     shape = tuple(BATCH if axis == 0 and size == batch else int(size) for axis, size in enumerate(value.shape))
@@ -159,7 +187,7 @@ def _value_lock(value: Any, batch: int | None) -> ValueLock:
 
 def _graph_sha256(plan: StagePlan, bricks: Mapping[str, BrickLock]) -> str:
     """A fingerprint of the stage's graph: inputs, outputs, and each step's binding and brick structure."""
-    steps = [{"name": step.name, "args": list(step.binding.args), "kwargs": [list(kw) for kw in step.binding.kwargs],
+    steps = [{"name": step.name, "args": list(step.binding.args), "kwargs": sorted(map(list, step.binding.kwargs)),
               "takes_all": step.binding.takes_all, "all_values": list(step.binding.all_values),
               "outputs": list(step.outputs), "in_graph": step.in_graph, "brick": bricks[step.name].to_data()}
              for step in plan.steps]
@@ -168,16 +196,24 @@ def _graph_sha256(plan: StagePlan, bricks: Mapping[str, BrickLock]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- ONNX
-def _onnx_lock(collection: BrickCollection, named_inputs: Mapping[str, Any]) -> OnnxLock:
+def _onnx_lock(collection: BrickCollection, named_inputs: Mapping[str, Any], stage: StageLock) -> OnnxLock:
     """Exports the EXPORT stage into a temporary folder and counts its operators (subgraphs and local
-    functions included).  Raises ``BrickExportError`` when the stage cannot be exported."""
+    functions included); records why not, as a change the diff shows, when the stage cannot be exported."""
     import onnx
 
     from torchbricks_fx.export import export_onnx
 
+    exporter = FrozenMap({package: _version(package) for package in ("torch", "onnx", "onnxscript")})
+    if stage.problems or stage.values_not_recorded:
+        why = "is invalid" if stage.problems else "does not run on the example inputs"
+        return OnnxLock(None, FrozenMap(), exporter, f"stage {Stage.EXPORT.value} {why}")
     with tempfile.TemporaryDirectory(prefix="torchbricks_fx-lock-") as folder:
         path = Path(folder) / "export.onnx"
-        export_onnx(collection, path, named_inputs, stage=Stage.EXPORT, verify=False)
+        try:
+            export_onnx(collection, path, named_inputs, stage=Stage.EXPORT, verify=False)
+        except BrickExportError as error:  # the temporary path would make the file differ from run to run
+            why = error_summary(error, max_chars=300).replace(str(path), "export.onnx").replace(folder, ".")
+            return OnnxLock(None, FrozenMap(), exporter, f"the ONNX export failed: {why}")
         model = onnx.load(str(path), load_external_data=False)
     counts: Counter[str] = Counter()
     _count_operators(model.graph, counts)
@@ -185,8 +221,7 @@ def _onnx_lock(collection: BrickCollection, named_inputs: Mapping[str, Any]) -> 
         for node in function.node:
             _count_node(node, counts)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return OnnxLock(opset, FrozenMap(dict(sorted(counts.items()))),
-                    FrozenMap({package: _version(package) for package in ("torch", "onnx", "onnxscript")}))
+    return OnnxLock(opset, FrozenMap(dict(sorted(counts.items()))), exporter)
 
 
 def _version(package: str) -> str:

@@ -225,7 +225,8 @@ def _diff_pruned(stage: str, before: StageLock, after: StageLock) -> list[LockCh
 
 
 _BRICK_FIELDS = (("brick_class", "brick class"), ("module_class", "module class"), ("inputs", "inputs"),
-                 ("outputs", "outputs"), ("calculate_gradients", "calculate_gradients"))
+                 ("outputs", "outputs"), ("calculate_gradients", "calculate_gradients"),
+                 ("loss_output_names", "loss outputs"))
 
 
 def _diff_brick(stage: str, name: str, before: BrickLock, after: BrickLock) -> list[LockChange]:
@@ -286,13 +287,18 @@ def _what_changed(was: TensorLock | ValueLock | str, now: TensorLock | ValueLock
 # --------------------------------------------------------------------------------------------- values
 def _diff_values(stage: str, before: Mapping[str, ValueLock], after: Mapping[str, ValueLock],
                  producers: Mapping[str, str], old_producers: Mapping[str, str]) -> list[LockChange]:
+    """Values and the items inside them (``out['scores'][0]``), each compared without its items, so that a
+    changed item is reported where it is, once; the items of an added or removed value are not listed."""
+    before_leaves, after_leaves = _leaves(before), _leaves(after)
     changes = []
-    for name in dict.fromkeys([*before, *after]):
-        was, now = before.get(name), after.get(name)
-        if was == now:
+    for (value, path) in dict.fromkeys([*before_leaves, *after_leaves]):
+        was, now = before_leaves.get((value, path)), after_leaves.get((value, path))
+        if was == now or ((was is None or now is None) and _inside_added_or_removed(value, path, before_leaves,
+                                                                                    after_leaves)):
             continue
-        brick = producers.get(name) or old_producers.get(name)
-        label = f"value {name!r}" + _from(brick)
+        brick = producers.get(value) or old_producers.get(value)
+        name = value + path
+        label = f"value {value!r}{path}" + _from(brick)
         if was is None or now is None:
             what, shown = ("added", now) if was is None else ("removed", was)
             message = f"{label} {what} ({shown.describe() if shown else ''})"
@@ -302,6 +308,17 @@ def _diff_values(stage: str, before: Mapping[str, ValueLock], after: Mapping[str
         changes.append(LockChange(stage, "value", name, brick, what, was.describe() if was else None,
                                   now.describe() if now else None, message))
     return changes
+
+
+def _leaves(values: Mapping[str, ValueLock]) -> dict[tuple[str, str], ValueLock]:
+    return {(name, path): leaf for name, value in values.items() for path, leaf in value.leaves()}
+
+
+def _inside_added_or_removed(value: str, path: str, before: Mapping[tuple[str, str], ValueLock],
+                             after: Mapping[tuple[str, str], ValueLock]) -> bool:
+    """Whether an item's container (``out`` of ``out['a']``) is itself added or removed."""
+    return any(name == value and path.startswith(f"{outer}[") and ((name, outer) in before) != ((name, outer) in after)
+               for name, outer in {*before, *after})
 
 
 def _value_aspect(was: ValueLock, now: ValueLock) -> str:
@@ -320,6 +337,8 @@ def _diff_onnx(before: OnnxLock | None, after: OnnxLock | None) -> list[LockChan
         what = "added" if before is None else "removed"
         return [LockChange(EXPORT, "onnx", "operators", None, what, None, None,
                            f"ONNX operator histogram {what} (lock with/without --onnx-ops)")]
+    if before.not_exported or after.not_exported:  # no histogram on one side: its operators are not news
+        return _diff_not_exported(before, after)
     changes = []
     if before.opset != after.opset:
         changes.append(LockChange(EXPORT, "onnx", "opset", None, "opset", str(before.opset), str(after.opset),
@@ -336,6 +355,17 @@ def _diff_onnx(before: OnnxLock | None, after: OnnxLock | None) -> list[LockChan
     return changes
 
 
+def _diff_not_exported(before: OnnxLock, after: OnnxLock) -> list[LockChange]:
+    if before.not_exported == after.not_exported:
+        return []
+    if after.not_exported is None:
+        message = f"the ONNX export works again (before: {before.not_exported})"
+    else:
+        message = f"no ONNX operator histogram: {after.not_exported}"
+    return [LockChange(EXPORT, "onnx", "export", None, "not_exported", before.not_exported, after.not_exported,
+                       message)]
+
+
 # --------------------------------------------------------------------------------------------- helpers
 def _compared(lock: Lock) -> dict[str, Any]:
     data = lock.to_data()
@@ -344,8 +374,8 @@ def _compared(lock: Lock) -> dict[str, Any]:
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return str(dict(value))
+    if isinstance(value, Mapping):  # unordered: {"b": "x", "a": "y"} binds the same keywords as its reverse
+        return str(dict(sorted(value.items())))
     if isinstance(value, tuple):
         return str(list(value))
     return str(value)

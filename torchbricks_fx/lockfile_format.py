@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torchbricks_fx import files
 from torchbricks_fx.errors import BrickLockError, error_summary
@@ -25,11 +25,12 @@ __all__ = ["SCHEMA", "BrickLock", "Lock", "OnnxLock", "StageLock", "TensorLock",
            "write_lock"]
 
 SCHEMA_PREFIX = "torchbricks_fx.lock/"
-SCHEMA = f"{SCHEMA_PREFIX}1"
+SCHEMA = f"{SCHEMA_PREFIX}2"  # 2: nested values' items, bricks' loss_output_names, ONNX not_exported
 BATCH = "batch"
 
 Shape = tuple[int | str, ...]
 Inputs = tuple[str, ...] | Mapping[str, str] | str  # positional value names, {argument: value name} or "all"
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------- the lock
@@ -53,36 +54,57 @@ class TensorLock:
     @classmethod
     def from_data(cls, data: Any) -> TensorLock:
         requires_grad = data.get("requires_grad")
-        return cls(tuple(_int(d) for d in data["shape"]), _str(data["dtype"]),
+        return cls(tuple(_int(d) for d in _list(data, "shape")), _str(data["dtype"]),
                    None if requires_grad is None else _bool(requires_grad))
 
 
 @dataclass(frozen=True)
 class ValueLock:
-    """A value of a stage on the example inputs: a tensor's shape and dtype, or another value's type name."""
+    """A value of a stage on the example inputs: a tensor's shape and dtype, or another value's type name
+    with, for a dict, list or tuple, its items (by key, or in order), recorded the same way."""
 
     type: str  # "Tensor" for tensors
     shape: Shape = ()
     dtype: str | None = None
+    items: Mapping[str, ValueLock] | tuple[ValueLock, ...] | None = None
 
     def describe(self) -> str:
         return f"{show_shape(self.shape)} {self.dtype}" if self.type == "Tensor" else self.type
 
+    def leaves(self, path: str = "") -> Iterator[tuple[str, ValueLock]]:
+        """``(path, value without its items)`` for this value and every item in it: ``""``, ``"['a']"``,
+        ``"['a'][0]"``, ... (what the diff compares, so a changed item is reported once, where it is)."""
+        yield path, replace(self, items=None)
+        entries = enumerate(self.items) if isinstance(self.items, tuple) else (self.items or {}).items()
+        for key, item in entries:
+            yield from item.leaves(f"{path}[{key!r}]")
+
     def to_data(self) -> dict[str, Any]:
         if self.type == "Tensor":
             return {"shape": list(self.shape), "dtype": self.dtype}
-        return {"type": self.type}
+        data: dict[str, Any] = {"type": self.type}
+        if isinstance(self.items, tuple):
+            data["items"] = [item.to_data() for item in self.items]
+        elif self.items is not None:
+            data["items"] = {key: item.to_data() for key, item in self.items.items()}
+        return data
 
     @classmethod
     def from_data(cls, data: Any) -> ValueLock:
-        if "type" in data:
-            return cls(_str(data["type"]))
-        return cls("Tensor", tuple(d if d == BATCH else _int(d) for d in data["shape"]), _str(data["dtype"]))
+        if "type" not in data:
+            return cls("Tensor", tuple(d if d == BATCH else _int(d) for d in _list(data, "shape")),
+                       _str(data["dtype"]))
+        items = data.get("items")
+        if isinstance(items, list):  # a list's or tuple's items, in order
+            return cls(_str(data["type"]),
+                       items=tuple(_within(f"items.{i}", cls.from_data, item) for i, item in enumerate(items)))
+        return cls(_str(data["type"]), items=None if items is None else _records(data, "items", cls.from_data))
 
 
 @dataclass(frozen=True)
 class BrickLock:
-    """One brick's structure: classes, connections (value names resolved), parameters and buffers."""
+    """One brick's structure: classes, connections (value names resolved), the outputs that count as losses
+    (what TRAIN optimizes), parameters and buffers."""
 
     brick_class: str
     module_class: str
@@ -93,6 +115,7 @@ class BrickLock:
     parameters: Mapping[str, TensorLock]
     buffers: Mapping[str, TensorLock]
     submodules: Mapping[str, str]  # dotted name -> class name
+    loss_output_names: tuple[str, ...] = ()
 
     def to_data(self) -> dict[str, Any]:
         inputs = self.inputs if isinstance(self.inputs, str) else (
@@ -102,20 +125,17 @@ class BrickLock:
                 "parameter_count": self.parameter_count,
                 "parameters": {name: t.to_data() for name, t in self.parameters.items()},
                 "buffers": {name: t.to_data() for name, t in self.buffers.items()},
-                "submodules": dict(self.submodules)}
+                "submodules": dict(self.submodules), "loss_output_names": list(self.loss_output_names)}
 
     @classmethod
     def from_data(cls, data: Any) -> BrickLock:
         inputs = data["inputs"]
         parsed: Inputs = _str(inputs) if isinstance(inputs, str) else (
-            FrozenMap({_str(k): _str(v) for k, v in inputs.items()}) if isinstance(inputs, dict)
-            else tuple(_str(v) for v in inputs))
-        return cls(_str(data["brick_class"]), _str(data["module_class"]), parsed,
-                   tuple(_str(v) for v in data["outputs"]), _bool(data["calculate_gradients"]),
-                   _int(data["parameter_count"]),
-                   FrozenMap({_str(k): TensorLock.from_data(v) for k, v in data["parameters"].items()}),
-                   FrozenMap({_str(k): TensorLock.from_data(v) for k, v in data["buffers"].items()}),
-                   FrozenMap({_str(k): _str(v) for k, v in data["submodules"].items()}))
+            _records(data, "inputs", _str) if isinstance(inputs, dict) else _strs(data, "inputs"))
+        return cls(_str(data["brick_class"]), _str(data["module_class"]), parsed, _strs(data, "outputs"),
+                   _bool(data["calculate_gradients"]), _int(data["parameter_count"]),
+                   _records(data, "parameters", TensorLock.from_data), _records(data, "buffers", TensorLock.from_data),
+                   _records(data, "submodules", _str), _strs(data, "loss_output_names"))
 
 
 @dataclass(frozen=True)
@@ -145,32 +165,35 @@ class StageLock:
     @classmethod
     def from_data(cls, data: Any) -> StageLock:
         if "problems" in data:
-            return cls(problems=tuple(_str(p) for p in data["problems"]))
+            return cls(problems=_strs(data, "problems"))
         not_recorded = data.get("values_not_recorded")
-        return cls(tuple(_str(b) for b in data["bricks"]), tuple(_str(v) for v in data["required_inputs"]),
-                   tuple(_str(v) for v in data["outputs"]),
-                   FrozenMap({_str(k): _str(v) for k, v in data["pruned"].items()}),
-                   FrozenMap({_str(k): ValueLock.from_data(v) for k, v in data["values"].items()}),
+        return cls(_strs(data, "bricks"), _strs(data, "required_inputs"), _strs(data, "outputs"),
+                   _records(data, "pruned", _str), _records(data, "values", ValueLock.from_data),
                    None if not_recorded is None else _str(not_recorded), _str(data["graph_sha256"]))
 
 
 @dataclass(frozen=True)
 class OnnxLock:
-    """The ONNX operator histogram of the EXPORT stage ("Domain::Op" outside the default domain)."""
+    """The ONNX operator histogram of the EXPORT stage ("Domain::Op" outside the default domain); or, when
+    the stage is invalid, cannot run on the examples or fails to export, why there is none."""
 
     opset: int | None
     operators: Mapping[str, int]
     exporter: Mapping[str, str]  # library versions: context only, ignored by diff_locks
+    not_exported: str | None = None
 
     def to_data(self) -> dict[str, Any]:
-        return {"opset": self.opset, "operators": dict(self.operators), "exporter": dict(self.exporter)}
+        data: dict[str, Any] = {"opset": self.opset, "operators": dict(self.operators),
+                                "exporter": dict(self.exporter)}
+        if self.not_exported is not None:
+            data["not_exported"] = self.not_exported
+        return data
 
     @classmethod
     def from_data(cls, data: Any) -> OnnxLock:
-        opset = data["opset"]
-        return cls(None if opset is None else _int(opset),
-                   FrozenMap({_str(k): _int(v) for k, v in data["operators"].items()}),
-                   FrozenMap({_str(k): _str(v) for k, v in data["exporter"].items()}))
+        opset, not_exported = data["opset"], data.get("not_exported")
+        return cls(None if opset is None else _int(opset), _records(data, "operators", _int),
+                   _records(data, "exporter", _str), None if not_exported is None else _str(not_exported))
 
 
 @dataclass(frozen=True)
@@ -216,20 +239,60 @@ class Lock:
 
 
 def _lock_from_data(data: dict[str, Any]) -> Lock:
-    stages = {_str(name): StageLock.from_data(s) for name, s in data["stages"].items()}
-    bricks = {_str(name): BrickLock.from_data(b) for name, b in data["bricks"].items()}
+    stages = _records(data, "stages", StageLock.from_data)
+    bricks = _records(data, "bricks", BrickLock.from_data)
     unknown = sorted({b for s in stages.values() for b in s.bricks} - set(bricks))
     if unknown:
         raise ValueError(f"stages run bricks {unknown} that the \"bricks\" section does not describe")
     onnx = data.get("onnx_export")
-    return Lock(FrozenMap(_in_stage_order(stages)), FrozenMap(bricks),
-                None if onnx is None else OnnxLock.from_data(onnx))
+    return Lock(FrozenMap(_in_stage_order(stages)), bricks,
+                None if onnx is None else _within("onnx_export", OnnxLock.from_data, onnx))
 
 
 def _in_stage_order(stages: Mapping[str, StageLock]) -> dict[str, StageLock]:
     order = [stage.value for stage in Stage]
     return dict(sorted(stages.items(), key=lambda item: (order.index(item[0]) if item[0] in order else len(order),
                                                          item[0])))
+
+
+class _Malformed(ValueError):
+    """Ill-formed lock data, located by its path of keys (``stages.inference.outputs``)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+def _within(path: str, parse: Callable[[Any], T], data: Any) -> T:
+    """``parse(data)``, with any error located under ``path``."""
+    try:
+        return parse(data)
+    except _Malformed as error:
+        raise _Malformed(f"{path}.{error.path}", error.problem) from None
+    except KeyError as error:
+        raise _Malformed(path, f"missing key {error}") from None
+    except (TypeError, ValueError, AttributeError) as error:
+        raise _Malformed(path, str(error)) from None
+
+
+def _list(data: Any, key: str) -> list[Any]:
+    # Not any iterable: a string where a list belongs would otherwise read as a list of characters.
+    value = data[key]
+    if not isinstance(value, list):
+        raise _Malformed(key, f"expected a list, found {value!r}")
+    return value
+
+
+def _strs(data: Any, key: str) -> tuple[str, ...]:
+    return _within(key, lambda values: tuple(_str(v) for v in values), _list(data, key))
+
+
+def _records(data: Any, key: str, parse: Callable[[Any], T]) -> FrozenMap[str, T]:
+    """``data[key]``, an object ``{name: record}``, with each record parsed."""
+    value = data[key]
+    if not isinstance(value, dict):
+        raise _Malformed(key, f"expected an object, found {value!r}")
+    return FrozenMap({_within(key, _str, k): _within(f"{key}.{k}", parse, v) for k, v in value.items()})
 
 
 def _str(value: Any) -> str:

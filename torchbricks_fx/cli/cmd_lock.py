@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from torchbricks_fx.lockfile_format import Lock
 
 NAMES = ("lock", "check")  # the subcommands this module registers
+SCHEMA_PREFIX = "torchbricks_fx.lock/"  # lockfile_format.SCHEMA_PREFIX, which imports torch
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -47,33 +49,48 @@ def _build_lock(target: str, onnx_ops: bool) -> Lock:
         return lock(collection, named_inputs, onnx_ops=onnx_ops)
 
 
-def _previous_lock(path: Path, overwrite: bool) -> Lock | None:
-    """The lock file being replaced (to print what changed); refuses, before any work, to replace a file
-    that is not a lock file (a mistyped ``-o model.py``) unless ``--overwrite``."""
+def _replaces_lock(path: Path, overwrite: bool) -> bool:
+    """Whether ``path`` holds a lock file to replace (and print the changes from); refuses, before any work
+    and without importing torch, to replace a file that is not a lock file (a mistyped ``-o model.py``)
+    unless ``--overwrite``."""
     if path.is_dir():
         raise CliError(f"Cannot write {path}: it is a folder; give a file path, e.g. {path / 'bricks.lock.json'}.")
-    if not path.exists() or overwrite:
-        return None
+    if not path.exists():
+        return False
+    if _is_lock_file(path):
+        return True
+    if overwrite:
+        return False
+    raise CliError(f"{path} exists and is not a lock file; pass --overwrite to replace it.", code=1)
+
+
+def _is_lock_file(path: Path) -> bool:
+    """A JSON object with a lock ``"schema"``, of any version: the JSON alone, read without torch."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return isinstance(data, dict) and str(data.get("schema")).startswith(SCHEMA_PREFIX)
+    return False
+
+
+def _previous_lock(path: Path, progress: Callable[[str], None]) -> Lock | None:
     from torchbricks_fx.errors import BrickLockError
-    from torchbricks_fx.lockfile_format import SCHEMA_PREFIX, read_lock  # imports torch: only for an existing file
+    from torchbricks_fx.lockfile_format import read_lock
 
     try:
         return read_lock(path)
-    except BrickLockError:
-        with contextlib.suppress(OSError, UnicodeDecodeError, ValueError, AttributeError):
-            schema = json.loads(path.read_text(encoding="utf-8")).get("schema")
-            if isinstance(schema, str) and schema.startswith(SCHEMA_PREFIX):
-                return None  # a lock file, of another schema version or damaged: regenerating it is the fix
-        raise CliError(f"{path} exists and is not a lock file; pass --overwrite to replace it.", code=1) from None
+    except BrickLockError:  # another schema version, or damaged: regenerating it is the fix
+        progress(f"replacing {path} without listing the changes (another lock schema version, or damaged)")
+        return None
 
 
 def run_lock(args: argparse.Namespace) -> int:
     progress = progress_printer("lock")
     output = Path(args.output)
-    previous = _previous_lock(output, args.overwrite)
+    replacing = _replaces_lock(output, args.overwrite)
     from torchbricks_fx.lockfile_diff import diff_locks, render_lock_diff  # imports torch: after the checks
     from torchbricks_fx.lockfile_format import write_lock
 
+    previous = _previous_lock(output, progress) if replacing else None
     new = _build_lock(args.file, args.onnx_ops)
     write_lock(new, output)
     progress(f"wrote {output}: {len(new.stages)} stages, {len(new.bricks)} bricks")
@@ -82,6 +99,8 @@ def run_lock(args: argparse.Namespace) -> int:
             progress(f"warning: stage {stage} is invalid: {problem}")
         if stage_lock.values_not_recorded:
             progress(f"warning: stage {stage} did not run on the example inputs: {stage_lock.values_not_recorded}")
+    if new.onnx is not None and new.onnx.not_exported:
+        progress(f"warning: no ONNX operator histogram: {new.onnx.not_exported}")
     if previous is not None:
         changes = diff_locks(previous, new)
         print(f"changes from the previous {output}:\n{render_lock_diff(changes)}" if changes
@@ -90,7 +109,10 @@ def run_lock(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    if not Path(args.lock).is_file():  # answered without importing torch, as argument errors are
+    if Path(args.lock).is_dir():  # answered without importing torch, as argument errors are
+        raise CliError(f"{args.lock!r} is a folder, not a lock file; give the path of the file written by "
+                       f"{PROG} lock {args.file} -o LOCKFILE.")
+    if not Path(args.lock).exists():
         raise CliError(f"No lock file {args.lock!r}; write one with {PROG} lock {args.file} -o {args.lock}.")
     from torchbricks_fx.lockfile_diff import diff_locks, render_lock_diff
     from torchbricks_fx.lockfile_format import read_lock
