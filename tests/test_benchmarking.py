@@ -328,8 +328,12 @@ def test_resize_batch_leaves_inputs_of_another_length_alone():
     # The first input decides the batch size, not the longest one.
     resized = resize_batch({"table": table, "x": x}, 2, ["x", "table"])
     assert resized["x"].shape == (2, 4) and resized["table"] is table
-    with pytest.raises(BrickBackendError, match="no batch"):
+    with pytest.raises(BrickBackendError, match="no input has a batch"):
         resize_batch({"scalar": torch.tensor(1.0)}, 3)
+    # A scalar (a temperature) has no batch; the first input that has one decides.
+    scale = torch.tensor(2.0)
+    resized = resize_batch({"scale": scale, "x": x}, 3)
+    assert resized["x"].shape == (3, 4) and resized["scale"] is scale
 
 
 def test_a_static_table_input_is_not_the_batch_size():

@@ -276,11 +276,13 @@ def check_inputs(plan: StagePlan, named_inputs: Mapping[str, Any]) -> None:
 
 
 def batch_size_of(named_inputs: Mapping[str, Any], input_names: Sequence[str] | None = None) -> int | None:
-    """Dimension 0 of the first input (in ``input_names`` order, default: ``named_inputs``'), the batch axis
-    that export, benchmarking and training assume; ``None`` when it is not a tensor with a dimension."""
+    """Dimension 0 of the first input (in ``input_names`` order, default: ``named_inputs``') that is a tensor
+    with a dimension (a scalar such as a temperature has no batch), the batch axis that export,
+    benchmarking and training assume; ``None`` when no input has one."""
     order = [n for n in (input_names if input_names is not None else named_inputs) if n in named_inputs]
-    first = named_inputs[order[0]] if order else None
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
+    batched = (named_inputs[n] for n in order)
+    first = next((v for v in batched if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return int(first.shape[0]) if first is not None else None
 
 
 def check_batch_size(batch_size: object) -> None:
@@ -292,7 +294,7 @@ def check_batch_size(batch_size: object) -> None:
 def resize_batch(named_inputs: Mapping[str, Any], batch_size: int,
                  input_names: Sequence[str] | None = None) -> dict[str, Any]:
     """The inputs at another batch size: dimension 0 repeated or sliced to ``batch_size`` for every tensor
-    whose dimension 0 is the current batch size (the first input's, see :func:`batch_size_of`).  Other
+    whose dimension 0 is the current batch size (see :func:`batch_size_of`).  Other
     tensors (a fixed table of another length), 0-d tensors and other values are unchanged; so is a table
     that happens to have the batch size as its length, which export would make dynamic too."""
     check_batch_size(batch_size)
@@ -302,8 +304,8 @@ def resize_batch(named_inputs: Mapping[str, Any], batch_size: int,
     if not current:
         shapes = {n: list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                   for n, v in named_inputs.items()}
-        raise BrickBackendError(f"Cannot resize the inputs to batch size {batch_size}: the first input has no "
-                                f"batch to repeat (given: {shapes}).")
+        raise BrickBackendError(f"Cannot resize the inputs to batch size {batch_size}: no input has a batch "
+                                f"to repeat (given: {shapes}).")
     resized: dict[str, Any] = {}
     for name, value in named_inputs.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == current:

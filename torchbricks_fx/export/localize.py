@@ -36,6 +36,17 @@ class TraceWarnings(Exception):
     file that verifies on the examples only) so that the failure is localized to the bricks that warn."""
 
 
+class SpecializedAxes(Exception):
+    """The exporter fixed an axis that was asked to stay dynamic (the ONNX exporter does so quietly when
+    torch.export finds code that specializes on its size); raised so that the failure is localized."""
+
+
+SPECIALIZED_HINT = ("code specializes on that axis's size: a Python branch on it (if x.shape[0] == 2), or a "
+                    "size computed into a constant (view(2, -1)); make the code size-generic, or keep the axis "
+                    "at its example size (dynamic_shapes={input: {axis: None}}; dynamic_batch=False for the "
+                    "batch axis).")
+
+
 class BrickAlone(nn.Module):
     """One brick as a module of positional tensors, fed its eager inputs, called as the stage calls it
     (:meth:`Binding.arguments`), its non-tensor inputs held constant."""

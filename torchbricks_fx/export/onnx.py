@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from torchbricks_fx.errors import BrickExportError, error_summary
-from torchbricks_fx.export.localize import EXPORTER_HINTS, BrickAlone, TraceWarnings
+from torchbricks_fx.export.localize import EXPORTER_HINTS, BrickAlone, SpecializedAxes, TraceWarnings
 from torchbricks_fx.export.report import ExportReport
 from torchbricks_fx.export.sequence import Exporter, Runs, run_export
-from torchbricks_fx.export.target import BATCH, Axes, Target, export_dims
+from torchbricks_fx.export.target import BATCH, Axes, Target, export_dims, is_checked_dynamic
 from torchbricks_fx.numerics import OutputError, output_errors
 from torchbricks_fx.ort import ort_session, run_session
 from torchbricks_fx.stage import Stage
@@ -90,6 +90,8 @@ def onnx_export(module: nn.Module, args: tuple[Any, ...], destination: Path | No
         options.setdefault("verbose", False)
         program = torch.onnx.export(module, args, None, dynamo=True, dynamic_shapes=_shapes_for(module, axes),
                                     **options)
+        if program is not None:
+            _check_free_axes(program.model_proto, names, args, axes)
         if destination is not None and program is not None:
             # f=None and an explicit save: f=path would also write path.data next to it (see DESIGN pitfalls).
             program.save(destination, external_data=external_data)
@@ -100,6 +102,23 @@ def onnx_export(module: nn.Module, args: tuple[Any, ...], destination: Path | No
         dynamic_axes.update({name: {0: batch_name} for name in output_names})
     sink: Any = str(destination) if destination is not None else io.BytesIO()
     _legacy_export(module, args, sink, dynamic_axes, accept_tracer_warnings, options)
+
+
+def _check_free_axes(model: Any, names: Sequence[str], args: tuple[Any, ...], axes: Axes) -> None:
+    """``SpecializedAxes`` when the file fixes an axis that was asked to stay dynamic: when torch.export
+    finds code that specializes on a size, the ONNX exporter re-exports with that size fixed, silently."""
+    graph_inputs = {i.name: i for i in model.graph.input}
+    fixed = []
+    for name, axis_map in zip(names, axes, strict=True):
+        dims = graph_inputs[name].type.tensor_type.shape.dim if name in graph_inputs else ()
+        for axis, dim in axis_map.items():
+            if is_checked_dynamic(dim) and axis < len(dims) and dims[axis].HasField("dim_value"):
+                fixed.append(f"axis {axis} ({_dim_name(dim, name, axis)!r}) of input {name!r} at "
+                             f"{dims[axis].dim_value}")
+    if fixed:
+        raise SpecializedAxes(f"the exporter fixed {', '.join(fixed)}, which were asked to stay dynamic: the "
+                              f"code specializes on their sizes (example shapes: "
+                              f"{ {n: tuple(a.shape) for n, a in zip(names, args, strict=True)} })")
 
 
 def _dim_name(dim: Any, input_name: str, axis: int) -> str:
@@ -243,6 +262,9 @@ def export_onnx_named_batch(collection: BrickCollection, path: str | os.PathLike
     """:func:`export_onnx` with the name of the batch dimension (the seed helper calls it ``batch_size``)."""
     extra = dict(onnx_export_kwargs or {})
     _check_kwargs(extra, dynamo)
+    if external_data and not dynamo:
+        raise BrickExportError("external_data=True needs dynamo=True: the legacy exporter writes the weights "
+                               "into the file itself (and on its own only above 2 GB).")
 
     def write(target: Target, args: tuple[torch.Tensor, ...], axes: Axes, staged: Path) -> None:
         onnx_export(target.graph_module, args, staged, input_names=target.input_names,

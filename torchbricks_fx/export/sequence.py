@@ -15,8 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from torchbricks_fx.errors import BrickExportError
-from torchbricks_fx.export.localize import TraceWarnings, TryExport, localized_failure
+from torchbricks_fx.errors import BrickExportError, error_summary
+from torchbricks_fx.export.localize import (
+    SPECIALIZED_HINT,
+    SpecializedAxes,
+    TraceWarnings,
+    TryExport,
+    localized_failure,
+)
 from torchbricks_fx.export.report import ExportReport
 from torchbricks_fx.export.target import (
     BATCH,
@@ -84,7 +90,28 @@ def _verification_runs(target: Target, args: tuple[torch.Tensor, ...], axes: Axe
                        values: Mapping[str, Any]) -> list[tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]]:
     """``(inputs, eager outputs)`` for the example inputs and for random inputs with another batch size."""
     second = second_args(args, axes)
-    return [(args, eager_outputs(target, values)), (second, eager_outputs(target, eager_values(target, second)))]
+    try:
+        second_values = eager_values(target, second)
+    except Exception as error:  # the stage's own code failed on inputs we made up: say how they were made
+        batched = [n for n, axis_map in zip(target.input_names, axes, strict=True) if 0 in axis_map]
+        made = f"one larger along axis 0 of {batched}" if batched else "of the examples' shapes"
+        raise BrickExportError(
+            f"Verification runs the stage on random inputs {made} as well, and eager failed on them: "
+            f"{error_summary(error, 300, True)}\nHint: an input whose axis 0 is not the batch (a table that has "
+            f"the batch's length by chance) keeps its size with dynamic_shapes={{name: {{0: None}}}}; or pass "
+            f"dynamic_batch=False, or verify=False.") from error
+    return [(args, eager_outputs(target, values)), (second, eager_outputs(target, second_values))]
+
+
+def _hint(exporter: Exporter, error: Exception) -> str:
+    if isinstance(error, TraceWarnings):
+        return exporter.warning_hint
+    return SPECIALIZED_HINT if isinstance(error, SpecializedAxes) else exporter.hint
+
+
+def _batch_size(target: Target, args: Sequence[torch.Tensor]) -> int:
+    size = batch_size_of(dict(zip(target.input_names, args, strict=True)), target.input_names)
+    return 1 if size is None else size  # inputs without a batch axis: one sample
 
 
 def _size(staged: Path) -> int:
@@ -109,6 +136,7 @@ def run_export(exporter: Exporter, collection: BrickCollection, path: str | os.P
     kept = preserved_state(live) if target.training else contextlib.nullcontext()
     with kept:
         values = eager_values(target, args)  # before exporting: eager errors are the user's; localizing needs them
+        eager_outputs(target, values)  # non-tensor outputs are refused before an exporter misreports them
         with staged_file(path, overwrite, BrickExportError, exporter.sidecars(path)) as staged:
             start = time.perf_counter()
             try:
@@ -117,9 +145,8 @@ def run_export(exporter: Exporter, collection: BrickCollection, path: str | os.P
             except (BrickExportError, OSError):
                 raise  # our own checks and file system errors are not the bricks'
             except Exception as error:
-                hint = exporter.warning_hint if isinstance(error, TraceWarnings) else exporter.hint
-                raise localized_failure(exporter.what, exporter.try_brick, hint, exporter.config_hint, target,
-                                        traced, axes, values, error) from error
+                raise localized_failure(exporter.what, exporter.try_brick, _hint(exporter, error),
+                                        exporter.config_hint, target, traced, axes, values, error) from error
             export_seconds = time.perf_counter() - start
             opset = exporter.read_back(staged, target)
             errors: tuple[OutputError, ...] = ()
@@ -131,8 +158,7 @@ def run_export(exporter: Exporter, collection: BrickCollection, path: str | os.P
                 runs = _verification_runs(target, args, axes, values)
                 errors, providers = exporter.verify(staged, target, runs)
                 verify_seconds = time.perf_counter() - start
-                batches = tuple(batch_size_of(dict(zip(target.input_names, run_args, strict=True))) or 1
-                                for run_args, _ in runs)
+                batches = tuple(_batch_size(target, run_args) for run_args, _ in runs)
                 check_errors(errors, target, exporter.artifact)
             size = _size(staged)
     return ExportReport(path=path, format=exporter.format, stage=stage, input_names=target.input_names,

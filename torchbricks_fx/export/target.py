@@ -97,10 +97,14 @@ def dynamic_axes(target: Target, args: Sequence[torch.Tensor], dynamic_batch: bo
                  dynamic_shapes: Mapping[str, Mapping[int, Any]] | None,
                  batch_name: str = BATCH) -> list[dict[int, Any]]:
     """Per input, ``{axis: dim name or torch.export.Dim}``.  The batch axis is axis 0 of every input whose
-    first size equals the first input's (inputs without it, e.g. a fixed anchor table, stay static);
-    ``dynamic_shapes`` adds axes to it (and can rename or replace axis 0)."""
+    first size equals the batch size (the first input with a dimension's; inputs without it, e.g. a fixed
+    anchor table, stay static); ``dynamic_shapes`` adds axes to it, renames or replaces axis 0, and makes an
+    axis static with ``None`` or ``Dim.STATIC`` (an input whose first size equals the batch by chance)."""
     axes: list[dict[int, Any]] = [{} for _ in args]
     batch = batch_size_of(dict(zip(target.input_names, args, strict=True)), target.input_names)
+    if dynamic_batch and batch == 0:
+        raise BrickExportError("The example inputs have batch size 0; give at least one example (its values "
+                               "are what the export is verified on), or pass dynamic_batch=False.")
     if dynamic_batch and batch is not None:
         for axis_map, arg in zip(axes, args, strict=True):
             if arg.dim() and arg.shape[0] == batch:
@@ -109,10 +113,38 @@ def dynamic_axes(target: Target, args: Sequence[torch.Tensor], dynamic_batch: bo
     if unknown:
         raise BrickGraphError([f"dynamic_shapes names {unknown}, which are not inputs of the exported stage."],
                               hint=f"the exported inputs are {list(target.input_names)}.")
-    for index, name in enumerate(target.input_names):
+    for index, (name, arg) in enumerate(zip(target.input_names, args, strict=True)):
         if dynamic_shapes and name in dynamic_shapes:
-            axes[index] = {**axes[index], **dynamic_shapes[name]}
+            merged = {**axes[index], **_checked_axes(name, arg, dynamic_shapes[name])}
+            axes[index] = {axis: dim for axis, dim in merged.items() if not is_static(dim)}
     return axes
+
+
+def is_static(dim: Any) -> bool:
+    """``None`` and ``Dim.STATIC`` in ``dynamic_shapes`` keep an axis at its example size."""
+    return dim is None or dim is torch.export.Dim.STATIC
+
+
+def is_checked_dynamic(dim: Any) -> bool:
+    """Whether an artifact must keep this axis free: every dynamic axis but ``Dim.AUTO``, which lets the
+    exporter decide."""
+    return not is_static(dim) and dim is not torch.export.Dim.AUTO
+
+
+def _checked_axes(name: str, arg: torch.Tensor, axes: Any) -> dict[int, Any]:
+    if not isinstance(axes, Mapping):
+        raise BrickExportError(f"dynamic_shapes[{name!r}] must be a dict {{axis: dimension name}}, not "
+                               f"{type(axes).__name__}.")
+    for axis, dim in axes.items():
+        if not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis < arg.dim():
+            raise BrickExportError(f"dynamic_shapes names axis {axis!r} of {name!r}, which has {arg.dim()} "
+                                   f"dimension(s) (shape {tuple(arg.shape)}); axes are 0 to {arg.dim() - 1}.")
+        if not (is_static(dim) or isinstance(dim, (str, torch.export.Dim))
+                or dim in (torch.export.Dim.AUTO, torch.export.Dim.DYNAMIC)):
+            raise BrickExportError(f"dynamic_shapes[{name!r}][{axis}] is {dim!r}; give a dimension name (str), a "
+                                   f"torch.export.Dim, Dim.AUTO or Dim.DYNAMIC, or None / Dim.STATIC to keep the "
+                                   f"axis at its example size.")
+    return dict(axes)
 
 
 def export_dims(axes: Axes, or_none: bool = False, named: bool = True) -> tuple[dict[int, Any] | None, ...] | None:
@@ -156,7 +188,8 @@ def second_args(args: Sequence[torch.Tensor], axes: Axes) -> tuple[torch.Tensor,
 
 
 def random_like(example: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
-    """Random values of ``example``'s dtype and device within its range (integers: often class ids)."""
+    """Random values of ``example``'s dtype and device within its range (integers: often class ids, so a
+    single value is widened towards 0, which stays a valid index)."""
     if example.dtype == torch.bool:
         value = torch.randint(0, 2, shape, generator=generator).bool()
     elif example.is_floating_point():
@@ -168,6 +201,8 @@ def random_like(example: torch.Tensor, shape: list[int], generator: torch.Genera
         raise BrickExportError("Complex inputs cannot be verified; pass verify=False.")
     else:
         low_i, high_i = (int(example.min()), int(example.max())) if example.numel() else (0, 1)
+        if low_i == high_i:  # one value (an all-ones mask, one token id): vary it, or a frozen value goes unseen
+            low_i, high_i = (low_i - 1, high_i) if low_i > 0 else (low_i, high_i + 1)
         value = torch.randint(low_i, high_i + 1, shape, generator=generator)
     return value.to(dtype=example.dtype, device=example.device)
 
