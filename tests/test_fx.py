@@ -149,6 +149,43 @@ def test_output_arity_is_checked_on_first_call():
         compile_stage(two_for_one, Stage.INFERENCE)({"x": torch.ones(2)})
 
 
+class Lookup(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return {"a": x}["missing"]
+
+
+class FailsOnSecondCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            raise ValueError("bad batch")
+        return x
+
+
+def test_brick_errors_keep_type_message_and_note():
+    # As eagerly: the brick's own error, named by a note, without torch.fx's interpreter text.
+    stage_module = compile_stage(BrickCollection({"a": BrickTrainable(Lookup(), input_names=["x"],
+                                                                      output_names=["y"])}), Stage.INFERENCE)
+    for _ in range(2):  # the first call's arity check, then again (it never completed)
+        with pytest.raises(KeyError) as caught:
+            stage_module({"x": torch.ones(1)})
+        assert str(caught.value) == "'missing'" and caught.value.__notes__ == ["(raised in brick 'a')"]
+    later = compile_stage(BrickCollection({"b": BrickTrainable(FailsOnSecondCall(), input_names=["x"],
+                                                               output_names=["y"])}), Stage.INFERENCE)
+    later({"x": torch.ones(1)})
+    with pytest.raises(ValueError) as caught:
+        later({"x": torch.ones(1)})
+    assert caught.value.args == ("bad batch",) and caught.value.__notes__ == ["(raised in brick 'b')"]
+    two_for_one = BrickCollection({"head": BrickTrainable(Pair(), input_names=["x"], output_names=["a"])})
+    with pytest.raises(BrickOutputError) as caught:
+        compile_stage(two_for_one, Stage.INFERENCE)({"x": torch.ones(2)})
+    assert "While executing" not in str(caught.value) and "tlparse" not in str(caught.value)
+
+
 def test_missing_input_is_a_graph_error(multitask, multitask_inputs):
     stage_module = compile_stage(multitask, Stage.TRAIN)
     with pytest.raises(BrickGraphError, match=r"Input 'masks' needed by brick 'loss_seg'"):
@@ -219,6 +256,24 @@ def test_torch_compile_of_stage_module_equals_eager(multitask, multitask_inputs,
     compiled_metrics = multitask.summarize(stage, reset=True)
     multitask(inputs, stage)
     assert_same(compiled_metrics, multitask.summarize(stage, reset=True))
+
+
+def test_torch_compile_of_a_fresh_stage_checks_output_arity():
+    torch._dynamo.reset()
+    x = torch.ones(2)
+    two_for_one = BrickCollection({"a": BrickTrainable(Pair(), input_names=["x"], output_names=["y"])})
+    compiled = torch.compile(compile_stage(two_for_one, Stage.INFERENCE))
+    for _ in range(2):
+        with pytest.raises(BrickOutputError, match=r"Brick 'a' returned a tuple of 2 values"):
+            compiled({"x": x})
+    one_for_two = BrickCollection({"a": BrickTrainable(nn.Identity(), input_names=["x"], output_names=["y", "z"])})
+    with pytest.raises(BrickOutputError, match=r"Brick 'a' returned one Tensor but declares 2"):
+        torch.compile(compile_stage(one_for_two, Stage.INFERENCE))({"x": x})
+    # A right arity is checked while tracing: no graph break, and the same values as eagerly.
+    good = BrickCollection({"a": BrickTrainable(Pair(), input_names=["x"], output_names=["y", "z"]),
+                            "b": BrickTrainable(nn.Linear(2, 2), input_names=["z"], output_names=["w"])})
+    assert torch._dynamo.explain(compile_stage(good, Stage.TRAIN))({"x": x}).graph_break_count == 0
+    assert_same(torch.compile(compile_stage(good, Stage.TRAIN), fullgraph=True)({"x": x}), good({"x": x}, Stage.TRAIN))
 
 
 def test_fullgraph_compile_of_graph_module_with_dynamic_batch(multitask, multitask_inputs):

@@ -84,6 +84,15 @@ def normalize_output_names(output_names: object) -> list[str]:
     return list(output_names)
 
 
+def returns_declared_arity(result: Any, output_names: tuple[str, ...]) -> bool:
+    """Whether ``result`` has one value per output name: :func:`name_outputs`'s check without the error, decided
+    on Python structure alone (under Dynamo, while tracing)."""
+    n_names = len(output_names)
+    if n_names == 1:
+        return not isinstance(result, tuple)
+    return n_names == 0 or (isinstance(result, (tuple, list)) and len(result) == n_names)
+
+
 def name_outputs(brick_name: str, result: Any, output_names: tuple[str, ...]) -> tuple[Any, ...]:
     """Checks a brick's return value against its output names and returns one value per name."""
     n_names = len(output_names)

@@ -16,8 +16,8 @@ import torch.fx
 from torch import nn
 
 from torchbricks_fx.errors import BrickBackendError
-from torchbricks_fx.fx import code_copy
 from torchbricks_fx.numerics import difference, tolerance
+from torchbricks_fx.plain_graph import code_copy
 from torchbricks_fx.runtime import resize_batch, training_calls, watch_module_tree
 from torchbricks_fx.stage import Stage
 

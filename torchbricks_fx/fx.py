@@ -16,7 +16,6 @@ Node metadata (``node.meta``):
 from __future__ import annotations
 
 import contextlib
-import itertools
 import keyword
 import operator
 import re
@@ -27,16 +26,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 from torch import nn
-from torch.nn.modules.module import (
-    _global_backward_hooks,
-    _global_backward_pre_hooks,
-    _global_forward_hooks,
-    _global_forward_pre_hooks,
-)
 
-from torchbricks_fx.binding import STAGE_INPUT, name_outputs
+from torchbricks_fx.binding import STAGE_INPUT, name_outputs, returns_declared_arity
 from torchbricks_fx.brick import call_without_grad
 from torchbricks_fx.errors import BrickError
+from torchbricks_fx.plain_graph import PlainGraph
 from torchbricks_fx.runtime import (
     BoundStage,
     add_brick_note,
@@ -59,10 +53,6 @@ __all__ = ["META_BRICK", "META_OUTPUTS", "META_VALUE", "StageModule", "build_gra
 
 # On every call: one lookup less each.
 _is_grad_enabled = torch.is_grad_enabled
-_is_compiling = torch.compiler.is_compiling
-_jit_tracing = torch._C._get_tracing_state
-_compiled_call = operator.attrgetter("_compiled_call_impl")  # what Module.compile() sets
-_FORWARD = itertools.repeat("forward")
 
 META_BRICK = "torchbricks_fx.brick"
 META_OUTPUTS = "torchbricks_fx.outputs"
@@ -141,6 +131,11 @@ class _ArityCheck(torch.fx.Interpreter):
     """Runs the graph once, checking every brick's return value against its output names (a single-output
     brick is one node, so a wrong tuple would otherwise flow on silently)."""
 
+    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+        super().__init__(graph_module)
+        # torch's default rewrites the brick's error: torch.fx text appended, a KeyError made a RuntimeError.
+        self.extra_traceback = False
+
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             result = super().run_node(n)
@@ -151,49 +146,6 @@ class _ArityCheck(torch.fx.Interpreter):
         if META_BRICK in n.meta:
             name_outputs(n.meta[META_BRICK], result, n.meta[META_OUTPUTS])
         return result
-
-
-def code_copy(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A GraphModule sharing ``graph_module``'s graph and modules with code of its own (so its own Dynamo
-    cache, or its own attributes); the graph keeps ``graph_module`` as its owner (``graph.lint()``)."""
-    copy = torch.fx.GraphModule(graph_module, graph_module.graph)
-    graph_module.graph.owning_module = graph_module
-    copy.training = graph_module.training
-    return copy
-
-
-class PlainGraph:
-    """The graph run as plain Python, calling each brick's ``forward`` directly while that is all calling the
-    brick would do: ``nn.Module.__call__`` costs ~1.8 us per call on this CPU, a third of a small brick.  The
-    check runs on every call, so hooks registered at any time (the brick's or global), ``Module.compile``,
-    a ``forward`` replaced on the instance, ``torch.jit`` tracing and ``torch.compile`` of the stage all get
-    the ordinary calls."""
-
-    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
-        self.graph_module = graph_module
-        self.direct = code_copy(graph_module)
-        bricks = []
-        for node in graph_module.graph.nodes:
-            module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
-            if module is not None and type(module).__call__ is nn.Module.__call__ and "forward" not in vars(module):
-                self.direct.__dict__[node.target] = module.forward  # found before the submodule
-                bricks.append(module)
-        self.bricks = tuple(bricks)
-        self._brick_dicts = tuple(vars(m) for m in bricks)  # where an instance-level forward would appear
-        # The hook registries themselves (registering a hook fills one; none is ever replaced), so that the
-        # check on every call is a few C-level any() calls.
-        self._hook_registries = (_global_forward_hooks, _global_forward_pre_hooks, _global_backward_hooks,
-                                 _global_backward_pre_hooks,
-                                 *(hooks for m in bricks for hooks in (m._forward_hooks, m._forward_pre_hooks,
-                                                                       m._backward_hooks, m._backward_pre_hooks)))
-
-    def run(self, *args: Any) -> Any:
-        """The graph's outputs for ``args`` (positional, in input order).  A bound method, not ``__call__``:
-        cheaper to call."""
-        if (_is_compiling() or any(self._hook_registries) or any(map(_compiled_call, self.bricks)) or
-                any(map(operator.contains, self._brick_dicts, _FORWARD)) or _jit_tracing()):
-            return self.graph_module.forward(*args)
-        return self.direct.forward(*args)
 
 
 def raising_brick(graph_module: torch.fx.GraphModule, error: BaseException,
@@ -331,8 +283,8 @@ class StageModule(nn.Module):
 
     def _first_run(self, args: Sequence[Any]) -> Any:
         """The first call checks every brick's output arity (then calls run the graph directly)."""
-        if torch.compiler.is_compiling():  # the user's torch.compile traces the stage: Dynamo checks shapes
-            return self._graph_forward(*args)
+        if torch.compiler.is_compiling():  # the user's torch.compile traces the stage
+            return self._traced_first_run(args)
         if self.compile_options is None:
             results = _ArityCheck(self.graph_module).run(*args)
             self._arity_checked = True
@@ -343,6 +295,23 @@ class StageModule(nn.Module):
             _ArityCheck(self.graph_module).run(*args)  # draws no random numbers the real call would
         self._arity_checked = True
         return self._graph_forward(*args)
+
+    def _traced_first_run(self, args: Sequence[Any]) -> tuple[Any, ...]:
+        """The model steps as Dynamo traces them before any eager call: each brick's return value is checked
+        against its output names on its Python structure, known while tracing, so the compiled code pays
+        nothing for the check.  Only a wrong arity breaks the graph, to raise eagerly."""
+        values = dict(zip(self.input_names, args, strict=True))
+        values[STAGE_INPUT] = self.stage
+        for step in self._bound.model_steps:
+            step_args, kwargs = step.binding.arguments(values)
+            result = step.fn(*step_args, **kwargs)
+            if not returns_declared_arity(result, step.outputs):
+                torch.compiler.disable(name_outputs)(step.name, result, step.outputs)  # raises
+            if len(step.outputs) == 1:
+                values[step.outputs[0]] = result
+            elif step.outputs:  # a brick without outputs may return anything
+                values.update(zip(step.outputs, result, strict=True))
+        return tuple(values[name] for name in self.graph_output_names)
 
     # ------------------------------------------------------------------ compiled stages
     @property
