@@ -506,19 +506,19 @@ def test_an_export_stage_made_invalid_shows_in_the_onnx_diff_not_as_a_crash(caps
 
 
 def test_lazy_modules_are_locked_with_their_shapes_after_the_stages_ran():
-    collection = BrickCollection({"encoder": BrickTrainable(nn.LazyLinear(4), input_names=["x"],
-                                                            output_names=["y"])})
+    collection = BrickCollection({"encoder": BrickTrainable(nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d()),
+                                                            input_names=["x"], output_names=["y"])})
     named_inputs = {"x": torch.randn(2, 3)}
     recorded = lock(collection, named_inputs)
     encoder = recorded.bricks["encoder"]
-    assert encoder.parameters["weight"].shape == (4, 3) and encoder.parameter_count == 16
+    assert encoder.parameters["0.weight"].shape == (4, 3) and encoder.parameter_count == 16 + 8
     assert diff_locks(recorded, lock(collection, named_inputs)) == []
 
 
 @pytest.mark.parametrize(("module", "named_inputs", "fragment"), [
-    (nn.LazyBatchNorm1d(), {"x": torch.randn(2, 3)}, "buffer 'running_mean' is uninitialized (a lazy module)"),
-    (nn.LazyLinear(4), {}, "parameter 'weight' is uninitialized (a lazy module): a stage did not run on the "
+    (nn.LazyLinear(4), {}, "'weight' is uninitialized (a lazy module): a stage did not run on the "
                            "example inputs (Input 'x'"),
+    (nn.LazyBatchNorm1d(), {}, "'weight' is uninitialized (a lazy module)"),
 ])
 def test_lazy_modules_that_cannot_be_locked_raise_naming_the_brick(module, named_inputs, fragment):
     collection = BrickCollection({"encoder": BrickTrainable(module, input_names=["x"], output_names=["y"])})

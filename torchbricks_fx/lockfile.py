@@ -73,13 +73,11 @@ def lock(collection: BrickCollection, named_inputs: Mapping[str, Any], *, onnx_o
     bound = {stage: _bound_or_problems(collection, stage) for stage in Stage}
     running = {name: brick for name, brick in collection.bricks().items()
                if any(isinstance(b, BoundStage) and name in b.plan.bricks for b in bound.values())}
-    _refuse_lazy(running, "buffer", "lock() cannot set such state aside to restore it; run the collection once "
-                                    "on example inputs before locking it")
     specs = {spec.name: spec for spec in collection.specs()[0]}
     with preserved_state(collection), torch.random.fork_rng(devices=_initialized_cuda_devices()):
         runs = {stage: _values(b, named_inputs) for stage, b in bound.items() if isinstance(b, BoundStage)}
         reasons = [reason for _, reason in runs.values() if reason]
-        _refuse_lazy(running, "parameter", f"a stage did not run on the example inputs ({reasons[0]})" if reasons
+        _refuse_lazy(running, f"a stage did not run on the example inputs ({reasons[0]})" if reasons
                      else "running the stages did not initialize it")
         # After the runs: a lazy module's parameters have their shapes only once it ran.
         bricks = {name: _brick_lock(brick, specs[name]) for name, brick in sorted(running.items())}
@@ -101,14 +99,14 @@ def _bound_or_problems(collection: BrickCollection, stage: Stage) -> BoundStage 
         return tuple(sorted({problem.message for problem in error.problems}))
 
 
-def _refuse_lazy(bricks: Mapping[str, Brick], kind: str, why: str) -> None:
-    """Raises naming the first brick with an uninitialized (lazy) ``kind``, ``"buffer"`` or ``"parameter"``."""
+def _refuse_lazy(bricks: Mapping[str, Brick], why: str) -> None:
+    """Raises naming the first brick with an uninitialized (lazy) parameter or buffer."""
     for name, brick in bricks.items():
         module = _described_module(brick)
-        tensors = module.named_buffers() if kind == "buffer" else module.named_parameters()
+        tensors = [*module.named_parameters(), *module.named_buffers()]
         lazy = next((tensor_name for tensor_name, t in tensors if nn.parameter.is_lazy(t)), None)
         if lazy is not None:
-            raise BrickLockError(f"Brick {name!r}: {kind} {lazy!r} is uninitialized (a lazy module): {why}.")
+            raise BrickLockError(f"Brick {name!r}: {lazy!r} is uninitialized (a lazy module): {why}.")
 
 
 def _brick_lock(brick: Brick, spec: BrickSpec) -> BrickLock:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from torchbricks_fx.binding import STAGE_INPUT, Binding, name_outputs
 from torchbricks_fx.brick import Brick
@@ -334,8 +335,10 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
     """Restores ``module``'s buffers (BatchNorm statistics move in TRAIN) and torchmetrics states (metric
     bricks update in TRAIN/VALIDATION/TEST) after the block: benchmarking or verifying a stage must not
     change the model or the metrics it has accumulated."""
+    # A lazy module's uninitialized buffers have no values to keep: the block's first run initializes
+    # them, as any first call would.
     buffers = {(m, name): b.detach().clone() for m in module.modules() for name, b in m._buffers.items()
-               if b is not None}
+               if b is not None and not is_lazy(b)}
     metrics: dict[Any, tuple[Any, Any, Any]] = {
         m: (copy.deepcopy(m.metric_state), getattr(m, "_update_count", None), getattr(m, "_computed", None))
         for m in module.modules() if hasattr(m, "metric_state") and hasattr(m, "_defaults")}
