@@ -148,6 +148,45 @@ def test_metrics_are_per_stage_and_can_be_returned():
     assert list(single.metrics["TRAIN"].keys()) == ["accuracy"]
 
 
+def two_accuracies(**second) -> BrickCollection:
+    from torchmetrics.classification import MulticlassAccuracy
+
+    return BrickCollection({
+        "acc_a": BrickMetricSingle(MulticlassAccuracy(num_classes=2), input_names=["pa", "t"]),
+        "acc_b": BrickMetricSingle(MulticlassAccuracy(num_classes=2), input_names=["pb", "t"], **second),
+    })
+
+
+def test_two_metric_bricks_with_one_metric_name_are_a_plan_error():
+    # summarize keys metrics by name: one of the two would be dropped silently.
+    clash = two_accuracies()
+    with pytest.raises(BrickGraphError, match=r"metric 'MulticlassAccuracy' is computed by more than one brick: "
+                                              r"'acc_a', 'acc_b'.*metric_name=") as caught:
+        clash.check()
+    assert [p.kind for p in caught.value.problems] == ["duplicate_metric"]
+    with pytest.raises(BrickGraphError, match=r"more than one brick"):
+        clash({"pa": torch.tensor([0, 1]), "pb": torch.tensor([1, 1]), "t": torch.tensor([0, 1])}, Stage.TEST)
+    named = two_accuracies(metric_name="accuracy_b")
+    named.check()
+    named({"pa": torch.tensor([0, 1]), "pb": torch.tensor([1, 1]), "t": torch.tensor([0, 1])}, Stage.TEST)
+    summary = named.summarize(Stage.TEST)
+    assert float(summary["MulticlassAccuracy"]) == 1.0 and float(summary["accuracy_b"]) == 0.5
+    grouped = BrickCollection({"a": two_accuracies()["acc_a"], "b": {"acc": two_accuracies()["acc_b"]}})
+    grouped.check()  # "MulticlassAccuracy" and "b/MulticlassAccuracy"
+
+
+def test_check_takes_one_stage_or_a_list():
+    bad_in_train = BrickCollection({
+        "a": BrickTrainable(nn.Identity(), input_names=["x"], output_names=["y"], alive_stages=["inference"]),
+        "b": BrickTrainable(nn.Identity(), input_names=["y"], output_names=["z"], alive_stages=["train"]),
+    })
+    for good in ("inference", Stage.INFERENCE, [Stage.INFERENCE, "export"]):
+        bad_in_train.check(good)
+    for bad in ("train", Stage.TRAIN, ["train"]):
+        with pytest.raises(BrickGraphError, match=r"Brick 'b' needs 'y' in stage train"):
+            bad_in_train.check(bad)
+
+
 def test_wrong_output_arity_names_the_brick():
     collection = BrickCollection({"head": BrickTrainable(nn.Identity(), input_names=["x"],
                                                          output_names=["a", "b"])})

@@ -188,6 +188,11 @@ class Brick(PlanMember):
     def summarize(self, stage: Stage, reset: bool = False) -> dict[str, Any]:
         return {}
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names ``summarize`` reports (known before any metric is computed)."""
+        return ()
+
     def extra_repr(self) -> str:
         stages = "all" if len(self.alive_stages) == len(Stage) else sorted(s.value for s in self.alive_stages)
         return f"input_names={self.input_names!r}, output_names={self.output_names!r}, alive_stages={stages!r}"
@@ -316,6 +321,11 @@ class BrickMetrics(Brick):
     def stage_callable(self, stage: Stage) -> Callable[..., Any]:
         metric_collection: Any = self.metrics[stage.name]
         return metric_collection if self.return_metrics else metric_collection.update
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        metric_collection: Any = next(iter(self.metrics.values()), None)  # each stage's clone has the same names
+        return tuple(metric_collection.keys()) if metric_collection is not None else ()
 
     def summarize(self, stage: Stage, reset: bool = False) -> dict[str, Any]:
         if stage.name not in self.metrics:

@@ -143,10 +143,12 @@ class BrickCollection(nn.ModuleDict, PlanMember):
         reasons).  ``outputs`` keeps only the bricks those outputs need.  Raises ``BrickGraphError``."""
         return self.bound_stage(stage, outputs).plan
 
-    def check(self, stages: Iterable[Stage | str] | None = None) -> None:
-        """Validates every stage (or ``stages``) and raises one ``BrickGraphError`` listing every problem."""
+    def check(self, stages: Stage | str | Iterable[Stage | str] | None = None) -> None:
+        """Validates every stage (or ``stages``: one or a list) and raises one ``BrickGraphError`` listing
+        every problem."""
         specs, problems = self.specs()
-        for stage in [parse_stage(stage) for stage in (Stage if stages is None else stages)]:
+        chosen = Stage if stages is None else [stages] if isinstance(stages, (str, Stage)) else stages
+        for stage in [parse_stage(stage) for stage in chosen]:
             problems += stage_problems(specs, stage)[1]
         if problems:
             raise BrickGraphError(merge_problems(problems), hint=PLAN_HINT)

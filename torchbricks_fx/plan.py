@@ -68,6 +68,7 @@ class BrickSpec:
     in_graph: bool
     side_effects: bool
     blocks_gradients: bool
+    metric_names: tuple[str, ...] = ()  # as ``summarize`` keys them: "group/name" in a nested group
 
     @property
     def input_values(self) -> tuple[str, ...]:
@@ -203,7 +204,8 @@ def make_spec(name: str, index: int, scope: tuple[str, ...], brick: Brick) -> tu
                                                          f"its output_names.", name, output))
     spec = BrickSpec(name=name, index=index, binding=binding, outputs=outputs, alive=frozenset(brick.alive_stages),
                      in_graph=brick.runs_in_graph, side_effects=brick.has_side_effects or not outputs,
-                     blocks_gradients=brick.blocks_gradients)
+                     blocks_gradients=brick.blocks_gradients,
+                     metric_names=tuple("".join(f"{part}/" for part in scope) + m for m in brick.metric_names))
     return spec, problems
 
 
@@ -244,6 +246,7 @@ def _stage_graph(specs: Sequence[BrickSpec], stage: Stage, problems: list[GraphP
             problems.append(stage_problem("duplicate_producer", f"In {{stages}}: {value!r} is produced by more than "
                                           f"one live brick: {', '.join(repr(o.name) for o in owners)}.",
                                           stage, owners[0].name, value))
+    problems += _duplicate_metrics(live, stage, producers)
     dead_producers: dict[str, list[str]] = {}
     for spec in specs:
         if stage not in spec.alive:
@@ -264,6 +267,21 @@ def _stage_graph(specs: Sequence[BrickSpec], stage: Stage, problems: list[GraphP
         deps[spec.name] = tuple(dict.fromkeys(needed))
         earlier.append(spec.name)
     return _StageGraph(live, {v: owners[0] for v, owners in producers.items()}, deps)
+
+
+def _duplicate_metrics(live: Sequence[BrickSpec], stage: Stage,
+                       producers: Mapping[str, list[BrickSpec]]) -> list[GraphProblem]:
+    """Metric names computed by more than one live brick: ``summarize`` (and what Lightning logs) would
+    keep one.  Returned values clashing too are already duplicate producers."""
+    owners: dict[str, list[str]] = {}
+    for spec in live:
+        for name in spec.metric_names:
+            owners.setdefault(name, []).append(spec.name)
+    return [stage_problem("duplicate_metric", f"In {{stages}}: metric {name!r} is computed by more than one brick: "
+                          f"{', '.join(map(repr, bricks))}; summarize would report only one. Name them apart "
+                          f"(BrickMetricSingle(..., metric_name='...'), BrickMetrics({{'name': metric}})) or put "
+                          f"the bricks in nested groups (keyed 'group/{name}').", stage, bricks[0], name)
+            for name, bricks in owners.items() if len(bricks) > 1 and len(producers.get(name, ())) < 2]
 
 
 def _topological_order(graph: _StageGraph, stage: Stage, problems: list[GraphProblem]) -> tuple[BrickSpec, ...]:
