@@ -422,6 +422,12 @@ def test_profile_bricks_times_each_live_brick_in_order(collection, inputs):
     assert "| body |" in table and table.count("\n") == 5
 
 
+@pytest.mark.parametrize("min_run_time", [0, -1, "1"])
+def test_profile_bricks_refuses_a_min_run_time_benchmark_refuses(collection, inputs, min_run_time):
+    with pytest.raises(BrickBackendError, match=r"min_run_time must be a positive, finite number"):
+        profile_bricks(collection, inputs, min_run_time=min_run_time)
+
+
 def test_profile_bricks_times_all_bricks_with_the_external_inputs_and_the_stage():
     seen: list[tuple[str, ...]] = []
 

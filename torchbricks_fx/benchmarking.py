@@ -278,8 +278,7 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
     if batch_size_of(named_inputs, order) is None and sizes != [1]:
         raise BrickBackendError(f"batch_sizes {sizes} need a batch dimension: the stage's first input "
                                 f"{order[0] if order else None!r} has none.")
-    if not (isinstance(min_run_time, (int, float)) and 0 < min_run_time < math.inf):
-        raise BrickBackendError(f"min_run_time must be a positive, finite number of seconds, not {min_run_time!r}.")
+    _check_min_run_time(min_run_time)
     report = progress or (lambda _: None)
 
     def inputs(bs: int) -> dict[str, Any]:
@@ -297,6 +296,12 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
 
 
 # --------------------------------------------------------------------------------------------- per brick
+def _check_min_run_time(min_run_time: object) -> None:
+    # blocked_autorange would time one block for 0 or less (numbers that look measured) and never end on inf.
+    if not (isinstance(min_run_time, (int, float)) and 0 < min_run_time < math.inf):
+        raise BrickBackendError(f"min_run_time must be a positive, finite number of seconds, not {min_run_time!r}.")
+
+
 def profile_bricks(collection: BrickCollection, named_inputs: Mapping[str, Any], *,
                    stage: Stage | str = Stage.INFERENCE, outputs: Sequence[str] | None = None,
                    device: str | torch.device = "cpu", threads: int | None = None,
@@ -306,6 +311,7 @@ def profile_bricks(collection: BrickCollection, named_inputs: Mapping[str, Any],
     alone in the stage's modes.  ``share`` is the brick's fraction of the summed medians."""
     stage = parse_stage(stage)
     dev = parse_device(device)
+    _check_min_run_time(min_run_time)
     bound = collection.bound_stage(stage, outputs)
     with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), kept_rng(dev):
         values = bound.run(to_device(named_inputs, dev))
