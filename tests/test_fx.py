@@ -302,6 +302,26 @@ def test_mermaid_diagram_per_stage(multitask):
     assert "pruned" not in everything and "b_loss_seg" in everything
 
 
+def test_mermaid_draws_the_edges_of_all_bricks_and_of_every_producer():
+    everything = BrickCollection({
+        "a": BrickTrainable(nn.Identity(), input_names=["x"], output_names=["y"]),
+        "b": BrickTrainable(lambda values: values["y"], input_names="all", output_names=["z"]),
+    })
+    for text in (everything.to_mermaid(Stage.INFERENCE), everything.to_mermaid()):
+        assert "in_x -->|x| b_b" in text and "b_a -->|y| b_b" in text  # an "all" brick reads every value
+    pruned = everything.to_mermaid(Stage.INFERENCE, outputs=["y"])
+    assert "b_a -.->|y| b_b" in pruned and "class b_b pruned" in pruned
+    per_stage = BrickCollection({
+        "a": BrickTrainable(nn.Identity(), input_names=["in"], output_names=["x"], alive_stages=["train"]),
+        "b": BrickTrainable(nn.Identity(), input_names=["in"], output_names=["x"], alive_stages=["inference"]),
+        "c": BrickTrainable(nn.Identity(), input_names=["x"], output_names=["y"]),
+    })
+    text = per_stage.to_mermaid()
+    assert "b_a -->|x| b_c" in text and "b_b -->|x| b_c" in text
+    inference = per_stage.to_mermaid(Stage.INFERENCE)
+    assert "b_b -->|x| b_c" in inference and "|x| b_c" not in inference.replace("b_b -->|x| b_c", "")
+
+
 def test_many_compiled_stage_modules_each_get_their_own_graph():
     # One shared forward code object would hit Dynamo's recompile limit (8) and silently run eagerly.
     from torch._dynamo.utils import counters

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from torchbricks_fx.plan import BrickSpec
+from torchbricks_fx.errors import BrickGraphError
+from torchbricks_fx.plan import BrickSpec, StagePlan
 from torchbricks_fx.stage import Stage, parse_stage
 
 if TYPE_CHECKING:
@@ -41,6 +43,38 @@ def _label(text: str) -> str:
             .replace(">", "#gt;"))
 
 
+def _plans(collection: BrickCollection, stage: Stage | None, outputs: Sequence[str] | None) -> list[StagePlan]:
+    """The plans whose steps say what each ``"all"`` brick reads: the stage's (then its unpruned plan, for
+    pruned bricks), or every stage that plans (an invalid stage draws its declared edges only)."""
+    if stage is not None:
+        return [collection.plan(stage, outputs), collection.plan(stage)]
+    plans = []
+    for each in Stage:
+        with contextlib.suppress(BrickGraphError):
+            plans.append(collection.plan(each))
+    return plans
+
+
+def _sources(spec: BrickSpec, producers: Mapping[str, list[BrickSpec]], plans: Sequence[StagePlan],
+             every_stage: bool) -> list[tuple[str, str | None]]:
+    """``(value, producing brick or None for an input)`` of each edge into ``spec``.  Across all stages,
+    every producer alive in a stage with the consumer feeds it (bricks alive in different stages may
+    produce the same value); in one stage, the running producer."""
+    edges: list[tuple[str, str | None]] = []
+    for value in spec.input_values:
+        owners = producers.get(value, [])
+        if every_stage:
+            owners = [o for o in owners if o.alive & spec.alive] or owners
+        edges += [(value, o.name) for o in owners[:None if every_stage else 1]] or [(value, None)]
+    for plan in plans if spec.takes_all else ():
+        step = next((s for s in plan.steps if s.name == spec.name), None)
+        if step is not None:
+            edges += [(value, plan.producer(value)) for value in step.binding.all_values]
+            if not every_stage:
+                break
+    return list(dict.fromkeys(edges))
+
+
 def to_mermaid(collection: BrickCollection, stage: Stage | str | None = None,
                outputs: Sequence[str] | None = None) -> str:
     """Flowchart of the bricks, their named edges, the inputs and the outputs.  With a ``stage``, the
@@ -50,16 +84,17 @@ def to_mermaid(collection: BrickCollection, stage: Stage | str | None = None,
     bricks = collection.bricks()
     plan = collection.plan(parse_stage(stage), outputs) if stage is not None else None
     running = set(plan.bricks) if plan is not None else {s.name for s in specs}
-    # A value's running producer wins over a pruned one, so the stage's real edges are the solid ones.
-    producer: dict[str, BrickSpec] = {}
+    # A value's running producers come first, so the stage's real edges are the solid ones.
+    producers: dict[str, list[BrickSpec]] = {}
     for spec in sorted(specs, key=lambda s: s.name not in running):
         for output in spec.outputs:
-            producer.setdefault(output, spec)
+            producers.setdefault(output, []).append(spec)
+    plans = _plans(collection, plan.stage if plan else None, outputs) if any(s.takes_all for s in specs) else []
     node_id = _Ids()
     title = f"stage {plan.stage.value}" if plan is not None else "all stages"
     lines = ["flowchart LR", f"  %% {title}"]
     inputs = list(plan.required_inputs) if plan is not None else sorted(
-        {v for s in specs for v in s.input_values if v not in producer})
+        {v for s in specs for v in s.input_values if v not in producers})
     lines += [f'  {node_id("in", name)}(["{_label(name)}"])' for name in inputs]
     for spec in specs:
         kind = type(bricks[spec.name]).__name__
@@ -67,16 +102,16 @@ def to_mermaid(collection: BrickCollection, stage: Stage | str | None = None,
     edges = []
     for spec in specs:
         arrow = "-->" if spec.name in running else "-.->"
-        for value in dict.fromkeys(spec.input_values):
-            source = node_id("b", producer[value].name) if value in producer else node_id("in", value)
-            if value not in producer and value not in inputs:
+        for value, producer in _sources(spec, producers, plans, every_stage=plan is None):
+            source = node_id("b", producer) if producer is not None else node_id("in", value)
+            if producer is None and value not in inputs:
                 lines.append(f'  {source}(["{_label(value)}"])')
                 inputs.append(value)
             edges.append(f"  {source} {arrow}|{_label(value)}| {node_id('b', spec.name)}")
     final = list(plan.outputs) if plan is not None else []
     for value in final:
         lines.append(f'  {node_id("out", value)}[["{_label(value)}"]]')
-        edges.append(f"  {node_id('b', producer[value].name)} --> {node_id('out', value)}")
+        edges.append(f"  {node_id('b', producers[value][0].name)} --> {node_id('out', value)}")
     lines += edges
     pruned = [s.name for s in specs if s.name not in running]
     if pruned:
