@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from torchbricks_fx import BrickCollection, BrickGraphError, BrickLoss, BrickTrainable, Stage
+from torchbricks_fx import (
+    BrickCollection,
+    BrickGraphError,
+    BrickLoss,
+    BrickMetricSingle,
+    BrickTrainable,
+    Stage,
+    compile_stage,
+)
 from torchbricks_fx.bricks import BrickModule
 
 
@@ -107,6 +115,22 @@ def test_input_of_dead_producer_names_brick_name_stage_and_closest():
     with pytest.raises(BrickGraphError, match=r"Brick 'head' needs 'embedding' in stage inference.*'encoder'"):
         collection.plan(Stage.INFERENCE)
     assert collection.plan(Stage.TRAIN).bricks == ("encoder", "head")
+
+
+def test_an_all_model_brick_does_not_receive_metric_outputs():
+    # Metric bricks run after every model brick: their returned values do not exist yet.
+    from torchmetrics.classification import MulticlassAccuracy
+
+    collection = BrickCollection({
+        "acc": BrickMetricSingle(MulticlassAccuracy(num_classes=2), input_names=["p", "t"], metric_name="accuracy",
+                                 return_metrics=True),
+        "names": BrickTrainable(lambda values: torch.tensor(len(values)), input_names="all", output_names=["n"]),
+    })
+    step = next(s for s in collection.plan(Stage.TRAIN).steps if s.name == "names")
+    assert step.binding.all_values == ("p", "t")
+    inputs = {"p": torch.tensor([0, 1]), "t": torch.tensor([0, 1])}
+    assert int(collection(inputs, Stage.TRAIN)["n"]) == 2
+    assert int(compile_stage(collection, Stage.TRAIN)(inputs)["n"]) == 2
 
 
 def test_missing_external_input_at_call_names_brick_and_closest_name():

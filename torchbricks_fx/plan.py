@@ -372,9 +372,9 @@ def _prune(specs: Sequence[BrickSpec], stage: Stage, graph: _StageGraph, order: 
 def _with_all_values(spec: BrickSpec, required: tuple[str, ...], kept: tuple[BrickSpec, ...],
                      graph: _StageGraph) -> BrickSpec:
     """An ``"all"`` brick receives the stage's external inputs, then the outputs of the live bricks declared
-    before it."""
+    before it (a model brick: of model bricks only, as metric bricks run after every model brick)."""
     deps = set(graph.deps[spec.name])
-    earlier = tuple(v for dep in kept if dep.name in deps for v in dep.outputs)
+    earlier = tuple(v for dep in kept if dep.name in deps and (dep.in_graph or not spec.in_graph) for v in dep.outputs)
     binding = dataclasses.replace(spec.binding, all_values=tuple(dict.fromkeys((*required, *earlier))))
     return dataclasses.replace(spec, binding=binding)
 
