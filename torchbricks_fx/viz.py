@@ -43,15 +43,13 @@ def _label(text: str) -> str:
             .replace(">", "#gt;"))
 
 
-def _plans(collection: BrickCollection, stage: Stage | None, outputs: Sequence[str] | None) -> list[StagePlan]:
-    """The plans whose steps say what each ``"all"`` brick reads: the stage's (then its unpruned plan, for
-    pruned bricks), or every stage that plans (an invalid stage draws its declared edges only)."""
-    if stage is not None:
-        return [collection.plan(stage, outputs), collection.plan(stage)]
-    plans = []
-    for each in Stage:
+def _plans(collection: BrickCollection, plan: StagePlan | None) -> list[StagePlan]:
+    """The plans whose steps say what each ``"all"`` brick reads: the stage's, then its unpruned plan (for
+    pruned bricks); or every stage that plans (an invalid stage draws its declared edges only)."""
+    plans = [plan] if plan is not None else []
+    for stage in [plan.stage] if plan is not None else Stage:
         with contextlib.suppress(BrickGraphError):
-            plans.append(collection.plan(each))
+            plans.append(collection.plan(stage))
     return plans
 
 
@@ -89,7 +87,7 @@ def to_mermaid(collection: BrickCollection, stage: Stage | str | None = None,
     for spec in sorted(specs, key=lambda s: s.name not in running):
         for output in spec.outputs:
             producers.setdefault(output, []).append(spec)
-    plans = _plans(collection, plan.stage if plan else None, outputs) if any(s.takes_all for s in specs) else []
+    plans = _plans(collection, plan) if any(s.takes_all for s in specs) else []
     node_id = _Ids()
     title = f"stage {plan.stage.value}" if plan is not None else "all stages"
     lines = ["flowchart LR", f"  %% {title}"]
