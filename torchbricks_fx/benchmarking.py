@@ -48,11 +48,11 @@ Progress = Callable[[str], None]
 class BenchmarkResult:
     """One backend at one batch size.  Times are seconds per call; ``None`` where not applicable or failed.
 
-    ``compiles`` (compiled backends) is the number of graphs compiled at this batch size during warm-up: the
-    first batch size compiles, later ones only where the batch changes what the compiler chose (on CPU,
-    convolutions compile one graph each for batch 1, 2-15 and 16+); a compile during the timed calls
-    fails the row.  ``runs`` is the number of measurements behind the median and IQR; ``load_average`` the
-    machine's 1-minute load when the backend started (above the number of cores, timings are unreliable).
+    ``compiles`` (compiled backends) is the number of graphs compiled at this batch size during its warm-up,
+    ``StageModule.warm_up`` at that size (a graph specialized to it; the first size also compiles the
+    dynamic-batch graph); a compile during the timed calls fails the row.  ``runs`` is the number of
+    measurements behind the median and IQR; ``load_average`` the machine's 1-minute load when the backend
+    started (above the number of cores, timings are unreliable).
     ``setup_seconds`` is the one-time preparation of the backend (building the stage module; torch.compile's
     wrapper; export + verification + session creation for onnxruntime), ``warmup_seconds`` the untimed first
     calls at this batch size (where torch.compile really compiles).  ``matched`` says whether the outputs
@@ -109,7 +109,7 @@ def time_statement(stmt: str, globals: Mapping[str, Any], *, threads: int, min_r
     return timer.blocked_autorange(min_run_time=min_run_time)
 
 
-def _warm_up(runner: Runner, bound: BoundCall, device: torch.device) -> float:
+def _warm_up(runner: Runner, bound: BoundCall, device: torch.device, named_inputs: Mapping[str, Any]) -> float:
     """Untimed first calls (compilation for compiled backends); seconds spent."""
     guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if runner.compiles:
@@ -122,6 +122,8 @@ def _warm_up(runner: Runner, bound: BoundCall, device: torch.device) -> float:
     start = time.perf_counter()
     try:
         with guard:
+            if runner.warm_up is not None:
+                runner.warm_up(named_inputs)
             for _ in range(WARMUP_CALLS):
                 eval(code, dict(bound.globals))
     except Exception as error:
@@ -149,7 +151,7 @@ def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping
     bound = runner.bind(named_inputs)
     count = runner.compile_count or (lambda: 0)
     before = count()
-    warmup = _warm_up(runner, bound, device)
+    warmup = _warm_up(runner, bound, device, named_inputs)
     matched, error = compare_outputs(reference, seeded_call(bound.fetch, device), device)
     warm = count()
     measurement = time_statement(bound.stmt, bound.globals, threads=base.threads, min_run_time=min_run_time,

@@ -8,6 +8,7 @@ and the static-size limit, the timing that picks a candidate, the autocast check
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,16 +16,16 @@ import torch
 import torch.fx
 from torch import nn
 
-from torchbricks_fx.errors import BrickBackendError
+from torchbricks_fx.compile_options import AUTOCAST_DTYPES
+from torchbricks_fx.errors import BrickBackendError, error_summary
 from torchbricks_fx.numerics import difference, tolerance
 from torchbricks_fx.plain_graph import code_copy
 from torchbricks_fx.runtime import resize_batch, training_calls, watch_module_tree
 from torchbricks_fx.stage import Stage
 
-__all__ = ["AUTOCAST_DTYPES", "Slot", "Variant", "WeightSlots", "as_float32", "batch_dynamic", "batch_size",
+__all__ = ["Slot", "Variant", "WeightSlots", "as_float32", "batch_dynamic", "batch_size",
            "check_autocast", "check_static_room", "failing_recompiles", "is_4d", "resized", "seconds_per_call"]
 
-AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 _SELECTION_SECONDS = 0.12  # timing per candidate when an eval stage picks how to run ...
 _SELECTION_ROUNDS = 3  # ... in interleaved rounds
 
@@ -79,6 +80,26 @@ class Slot:
 
     def frozen(self) -> list[Variant]:
         return [v for v in ([self.variant] if self.variant else self.candidates) if v.frozen]
+
+    def drop(self, candidate: Variant, error: Exception, stage: Stage) -> bool:
+        """Drops a candidate Inductor cannot build (a frozen float64 convolution: oneDNN's prepacking takes no
+        doubles), with a warning, while others remain; ``False`` when it is the last one."""
+        if len(self.candidates) == 1:
+            return False
+        self.candidates.remove(candidate)
+        candidate.forget()
+        if self.variant is candidate:
+            self.variant = self.candidates[0] if len(self.candidates) == 1 else None
+        warnings.warn(f"Stage {stage.value}: Inductor could not compile the {candidate.name!r} graph "
+                      f"({_compiler_reason(error)}); the stage runs one of "
+                      f"{[c.name for c in self.candidates]}.", stacklevel=4)
+        return True
+
+
+def _compiler_reason(error: Exception) -> str:
+    """The compiler's own error, without Dynamo's wrapping and advice."""
+    inner = getattr(error, "inner_exception", None) or error
+    return error_summary(inner, 200, first_line=True)
 
 
 def batch_size(args: Sequence[Any]) -> int | None:

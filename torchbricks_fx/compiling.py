@@ -31,14 +31,13 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 
+from torchbricks_fx.compile_options import CompileOptions
 from torchbricks_fx.compile_variants import (
-    AUTOCAST_DTYPES,
     Slot,
     Variant,
     WeightSlots,
@@ -59,36 +58,6 @@ from torchbricks_fx.stage import Stage
 __all__ = ["CompileOptions"]
 
 _MAX_SPECIALIZED_SIZES = 6  # batch sizes with graphs of their own (Dynamo keeps 8 graphs per code object)
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    """How ``compile_stage(..., compile=CompileOptions(...))`` compiles a stage (``compile=True``: defaults).
-
-    ``freeze`` (eval stages): ``True`` folds the weights into the compiled code as constants (refrozen when
-    they change), ``False`` keeps them inputs, ``None`` (default) measures on the first call the frozen,
-    unfrozen and plain graph and keeps the fastest.  ``dynamic_batch`` (default): the batch sizes of
-    warm-up get graphs specialized to them, and every other batch size shares one graph with a dynamic
-    batch axis (compiled once, when first needed); ``False``: a graph per batch size.
-    ``fail_on_recompile``: after warm-up (the first call, or ``StageModule.warm_up``), a call that would
-    recompile raises instead, naming the guard that failed.
-    ``channels_last``: convolution weights (in place, values unchanged) and 4-D inputs in channels-last
-    layout.  ``autocast`` (eval stages): ``torch.bfloat16`` or ``torch.float16`` autocast, accepted only
-    when the first call's outputs match float32 eager within that dtype's tolerance; outputs keep their
-    float32 dtype.  ``mode``: ``torch.compile``'s mode.
-    """
-
-    freeze: bool | None = None
-    dynamic_batch: bool = True
-    fail_on_recompile: bool = False
-    channels_last: bool = False
-    autocast: torch.dtype | None = None
-    mode: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
-            raise BrickBackendError(f"CompileOptions(autocast={self.autocast!r}): autocast takes torch.bfloat16 or "
-                                    f"torch.float16 (or None for float32).")
 
 
 class CompiledGraph:
@@ -198,8 +167,15 @@ class CompiledGraph:
         if not variant.compiled:
             return variant.run(*args)  # the plain graph was faster: nothing in its way
         if variant.frozen:
-            self._ensure_fresh(args)
-        results = self._run(variant, args)
+            self._ensure_fresh(args)  # a refreeze warms up again, which may drop a graph that cannot freeze
+            if variant not in slot.candidates:
+                return self._call(slot, args)
+        try:
+            results = self._run(variant, args)
+        except torch._dynamo.exc.BackendCompilerFailed as error:  # refreezing after .to(torch.float64)
+            if not slot.drop(variant, error, self.stage):
+                raise
+            return self._call(slot, args)
         if variant.frozen and self._compiled_last:
             self._check_constant_weights()
         if self._dynamic is not None and slot is self._static and self._compiles_both():
@@ -269,6 +245,11 @@ class CompiledGraph:
             add_note(error, "(a compiled stage is captured as one graph: make the brick traceable, e.g. "
                             "torch.cond for a branch on tensor values, or build the stage without compile=)")
             raise
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            add_note(error, f"(Inductor could not compile the stage's {variant.name!r} graph; "
+                            + ("CompileOptions(freeze=False) keeps the weights graph inputs)" if variant.frozen
+                               else "build the stage without compile= to run it uncompiled)"))
+            raise
         finally:
             inductor.freezing, inductor.layout_optimization = saved
             if self.training:
@@ -286,12 +267,13 @@ class CompiledGraph:
         """Runs every candidate of ``slot`` on ``args`` (compiling them), times each, keeps the fastest.  When
         the plain graph beats the graphs specialized to a batch size, it runs every batch size."""
         candidates = []
-        for candidate in slot.candidates:
+        for candidate in list(slot.candidates):
             if candidate.frozen and self._changes_own_weights:
                 continue
             candidate.before_compiling()
             before = self._state()
-            self._run(candidate, args)  # compiles (and freezes)
+            if not self._compiles(slot, candidate, args):
+                continue
             if candidate.frozen and self._state() != before:  # constants that change: never frozen
                 self._changes_own_weights = self._changed_names(before)
                 candidate.forget()
@@ -311,6 +293,18 @@ class CompiledGraph:
         if slot is self._static and not chosen.compiled:
             self._run_plain_everywhere()
         return chosen
+
+    def _compiles(self, slot: Slot, candidate: Variant, args: Sequence[Any]) -> bool:
+        """Runs ``candidate`` once (compiling it); ``False`` when Inductor could not build it (``Slot.drop``)."""
+        import torch._dynamo.exc
+
+        try:
+            self._run(candidate, args)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            if not slot.drop(candidate, error, self.stage):
+                raise
+            return False
+        return True
 
     def _run_plain_everywhere(self) -> None:
         dynamic = self._dynamic

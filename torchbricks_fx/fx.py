@@ -359,7 +359,7 @@ def compile_stage(collection: BrickCollection, stage: Stage | str, *, outputs: S
     backward; the first call's batch size (and ``warm_up``'s) get graphs of their own, every other batch
     size one graph with a dynamic batch axis.  Raises ``BrickGraphError``.
     """
-    from torchbricks_fx.compiling import CompileOptions
+    from torchbricks_fx.compile_options import compile_options_of
 
-    options = CompileOptions() if compile is True else (compile or None)
+    options = compile_options_of(compile)
     return StageModule(collection.bound_stage(parse_stage(stage), outputs), options)

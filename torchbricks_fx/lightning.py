@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from torchbricks_fx.collection import BrickCollection
-from torchbricks_fx.compiling import CompileOptions
+from torchbricks_fx.compile_options import CompileOptions, compile_options_of
 from torchbricks_fx.errors import BrickError
 from torchbricks_fx.fx import compile_stage
 from torchbricks_fx.runtime import batch_size_of
@@ -94,6 +94,7 @@ class BrickLightningModule(pl.LightningModule):
         # A registered submodule: the optimizer, DDP and checkpoints see every brick's parameters.
         self.collection = collection if isinstance(collection, BrickCollection) else BrickCollection(collection)
         self.optimizer_factory = optimizer_factory
+        compile_options_of(compile)  # refused now rather than at the first step
         self.use_compile = compile  # not self.compile: that is nn.Module.compile()
         self.batch_names = tuple(batch_names)
         self.outputs = {parse_stage(stage): tuple(names) for stage, names in (outputs or {}).items()}

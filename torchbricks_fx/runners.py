@@ -70,6 +70,9 @@ class Runner:
     # turned into an error (see benchmarking._warm_up); ``compile_count()`` tells how many graphs so far.
     compiles: bool = False
     compile_count: Callable[[], int] | None = None
+    # A compiled stage's first call at each batch size is a warm-up (``StageModule.warm_up``), as a user
+    # serving those sizes warms it: a graph specialized to each, and no recompile error after it.
+    warm_up: Callable[[Mapping[str, Any]], None] | None = None
 
     def close(self) -> None:
         while self.cleanup:
@@ -109,8 +112,10 @@ def _module_runner(name: str, module: StageModule, setup_seconds: float, outputs
                          fetch=lambda: _tensors_to_cpu(module(inputs), outputs))
 
     compiled = module.compiled
-    return Runner(name, setup_seconds, bind, compiles=compiled is not None,
-                  compile_count=(lambda: compiled.compiles) if compiled is not None else None)
+    if compiled is None:
+        return Runner(name, setup_seconds, bind)
+    return Runner(name, setup_seconds, bind, compiles=True, compile_count=lambda: compiled.compiles,
+                  warm_up=module.warm_up)
 
 
 def _fx_runner(collection: BrickCollection, stage: Stage, outputs: Sequence[str]) -> Runner:
