@@ -76,6 +76,13 @@ def test_preprocessor_uint8_input_refuses_float_images() -> None:
         preprocessor((images() * 255).long())
 
 
+def test_preprocessor_refuses_images_with_other_channels_naming_both() -> None:
+    with pytest.raises(BrickError, match=r"normalizes 2 channels .* images of shape \(2, 3, 4, 4\)"):
+        Preprocessor(mean=(0.1, 0.2), std=(0.2, 0.2))(torch.rand(2, 3, 4, 4))
+    one_value = Preprocessor(mean=(0.5,), std=(0.5,))(torch.ones(2, 3, 4, 4))  # one value for every channel
+    assert torch.equal(one_value, torch.ones(2, 3, 4, 4))
+
+
 def test_preprocessor_configuration_errors() -> None:
     with pytest.raises(BrickError, match="one value per channel"):
         Preprocessor(mean=(0.5, 0.5), std=(0.5,))

@@ -330,6 +330,8 @@ def test_resize_batch_leaves_inputs_of_another_length_alone():
     assert resized["x"].shape == (2, 4) and resized["table"] is table
     with pytest.raises(BrickBackendError, match="no input has a batch"):
         resize_batch({"scalar": torch.tensor(1.0)}, 3)
+    with pytest.raises(BrickBackendError, match="their batch is empty"):
+        resize_batch({"x": torch.randn(0, 4)}, 3)
     # A scalar (a temperature) has no batch; the first input that has one decides.
     scale = torch.tensor(2.0)
     resized = resize_batch({"scale": scale, "x": x}, 3)

@@ -175,6 +175,29 @@ def test_two_metric_bricks_with_one_metric_name_are_a_plan_error():
     grouped.check()  # "MulticlassAccuracy" and "b/MulticlassAccuracy"
 
 
+def classwise(prefix: str) -> BrickMetricSingle:
+    from torchmetrics.classification import MulticlassAccuracy
+    from torchmetrics.wrappers import ClasswiseWrapper
+
+    metric = ClasswiseWrapper(MulticlassAccuracy(num_classes=2, average=None), labels=["cat", "dog"], prefix=prefix)
+    return BrickMetricSingle(metric, input_names=["p", "t"], metric_name="per_class")
+
+
+def test_wrapped_metrics_are_judged_by_the_names_they_compute():
+    # Two wrappers under one name computing different keys are fine; under other names computing the same
+    # keys, summarize refuses (naming both bricks) and resets nothing.
+    batch = {"p": torch.tensor([0, 1, 1]), "t": torch.tensor([0, 1, 0])}
+    apart = BrickCollection({"first": classwise("first_"), "second": classwise("second_")})
+    apart.check()
+    apart(batch, Stage.TEST)
+    assert sorted(apart.summarize(Stage.TEST)) == ["first_cat", "first_dog", "second_cat", "second_dog"]
+    clash = BrickCollection({"first": classwise("same_"), "second": classwise("same_")})
+    clash(batch, Stage.TEST)
+    with pytest.raises(BrickGraphError, match=r"Metric 'same_cat' is computed by bricks 'first' and 'second'"):
+        clash.summarize(Stage.TEST, reset=True)
+    assert float(clash["first"].summarize(Stage.TEST)["same_cat"]) == 0.5  # still accumulated
+
+
 def test_check_takes_one_stage_or_a_list():
     bad_in_train = BrickCollection({
         "a": BrickTrainable(nn.Identity(), input_names=["x"], output_names=["y"], alive_stages=["inference"]),

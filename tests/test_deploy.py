@@ -415,10 +415,13 @@ def test_the_compiled_stage_is_judged_and_timed_but_never_written(extra_candidat
     assert report.chosen == "onnxruntime"
     if compiled.mean_latency_s < report.candidate("onnxruntime").mean_latency_s:  # type: ignore[operator]
         assert any("compiled was the fastest accepted candidate but is not a file" in n for n in report.notes)
-    with pytest.raises(BrickDeployError, match=r"Only \['not-a-file'\] were accepted, which are not files"):
+    with pytest.raises(BrickDeployError, match=r"Only \['not-a-file'\] were accepted, which are not files") as caught:
         deploy(BrickCollection(tiny_bricks()), tmp_path / "other", EXAMPLE, validation=tiny_batches(),
                candidates=[NOT_A_FILE.name], **FAST)
     assert not (tmp_path / "other").exists()
+    summary = caught.value.report.to_markdown()  # its headline agrees with its table
+    assert "**No file was accepted** (only ['not-a-file'], which are not files, passed)." in summary
+    assert "No candidate was accepted" not in summary
 
 
 def test_a_pt2_bundle(tmp_path):

@@ -578,3 +578,13 @@ def test_seed_export_bricks_as_onnx_rejects_what_it_cannot_honour(tmp_path):
         model = onnx.load(str(path))
         assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch_size"  # the seed's name
         assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch_size"
+
+
+def test_a_full_disk_while_exporting_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    def disk_full(self, destination, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", disk_full)
+    with pytest.raises(BrickExportError, match=r"Cannot write .*m\.onnx: No space left on device"):
+        export_onnx(tiny(nn.ReLU()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)})
+    assert not list(tmp_path.iterdir())

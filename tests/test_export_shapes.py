@@ -133,3 +133,19 @@ def test_a_value_frozen_from_a_single_valued_integer_input_is_caught(tmp_path):
         with pytest.raises(BrickExportError, match="does not reproduce eager"):
             export_onnx(collection, tmp_path / "m.onnx", {"tokens": tokens}, dynamo=False,
                         accept_tracer_warnings=True)
+
+
+def test_an_all_zero_index_input_stays_a_valid_index(tmp_path):
+    class TokenTypes(nn.Module):  # RoBERTa's token types: one row
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(1, 4)
+
+        def forward(self, x: torch.Tensor, token_types: torch.Tensor) -> torch.Tensor:
+            return x + self.embedding(token_types)
+
+    collection = BrickCollection({"t": BrickTrainable(TokenTypes(), input_names=["x", "token_types"],
+                                                      output_names=["y"])})
+    report = export_onnx(collection, tmp_path / "m.onnx", {"x": torch.randn(2, 3, 4),
+                                                           "token_types": torch.zeros(2, 3, dtype=torch.long)})
+    assert report.verified

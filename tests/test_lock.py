@@ -513,6 +513,8 @@ def test_lazy_modules_are_locked_with_their_shapes_after_the_stages_ran():
     encoder = recorded.bricks["encoder"]
     assert encoder.parameters["0.weight"].shape == (4, 3) and encoder.parameter_count == 16 + 8
     assert diff_locks(recorded, lock(collection, named_inputs)) == []
+    norm = collection["encoder"].model[1]  # its statistics as initialized: the TRAIN run left no trace
+    assert norm.running_mean.eq(0).all() and norm.running_var.eq(1).all() and norm.num_batches_tracked == 0
 
 
 @pytest.mark.parametrize(("module", "named_inputs", "fragment"), [

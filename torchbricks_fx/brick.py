@@ -324,8 +324,12 @@ class BrickMetrics(Brick):
 
     @property
     def metric_names(self) -> tuple[str, ...]:
+        from torchmetrics.wrappers.abstract import WrapperMetric
+
         metric_collection: Any = next(iter(self.metrics.values()), None)  # each stage's clone has the same names
-        return tuple(metric_collection.keys()) if metric_collection is not None else ()
+        # A wrapper (ClasswiseWrapper) computes a dict whose keys replace its name: known only once computed.
+        return () if metric_collection is None else tuple(
+            name for name in metric_collection if not isinstance(metric_collection[name], WrapperMetric))
 
     def summarize(self, stage: Stage, reset: bool = False) -> dict[str, Any]:
         if stage.name not in self.metrics:

@@ -194,9 +194,20 @@ class BrickCollection(nn.ModuleDict, PlanMember):
         a nested collection are keyed by its path (``"a/accuracy"``), so reused groups stay apart."""
         stage = parse_stage(stage)
         metrics: dict[str, Any] = {}
-        for _, scope, brick in self.named_bricks():
+        computed_by: dict[str, str] = {}
+        for name, scope, brick in self.named_bricks():
             prefix = "".join(f"{part}/" for part in scope)
-            metrics.update({f"{prefix}{key}": value for key, value in brick.summarize(stage, reset=reset).items()})
+            for key, value in brick.summarize(stage).items():
+                key = f"{prefix}{key}"
+                if key in metrics:  # planning catches plain metrics; wrappers name theirs only when computed
+                    raise BrickGraphError([f"Metric {key!r} is computed by bricks {computed_by[key]!r} and "
+                                           f"{name!r}; summarize would report only one (nothing was reset)."],
+                                          hint="name them apart (a wrapper's prefix=, metric_name=, "
+                                               "BrickMetrics({'name': metric})) or put them in nested groups.")
+                metrics[key], computed_by[key] = value, name
+        if reset:  # after the check, so that a refused summary loses nothing (compute() is cached: cheap)
+            for _, _, brick in self.named_bricks():
+                brick.summarize(stage, reset=True)
         return metrics
 
     def to_mermaid(self, stage: Stage | str | None = None, outputs: Sequence[str] | None = None) -> str:

@@ -272,6 +272,9 @@ def _deploy_summary(report: DeployReport) -> list[str]:
     if chosen is not None:
         speedups = ", ".join(f"{x:.2f}x at batch {bs}" for bs, x in report.speedups.items())
         lines.append(f"**Chosen: {chosen.name}** ({chosen.precision}, {chosen.format}): {speedups} against eager.")
+    elif any(c.accepted for c in report.candidates):
+        accepted = [c.name for c in report.candidates if c.accepted]
+        lines.append(f"**No file was accepted** (only {accepted}, which are not files, passed).")
     else:
         lines.append("**No candidate was accepted.**")
     if report.metric_budgets is None:

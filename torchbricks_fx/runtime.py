@@ -305,8 +305,9 @@ def resize_batch(named_inputs: Mapping[str, Any], batch_size: int,
     if not current:
         shapes = {n: list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                   for n, v in named_inputs.items()}
-        raise BrickBackendError(f"Cannot resize the inputs to batch size {batch_size}: no input has a batch "
-                                f"to repeat (given: {shapes}).")
+        why = "their batch is empty" if current == 0 else "no input has a batch"
+        raise BrickBackendError(f"Cannot resize the inputs to batch size {batch_size}: {why}, so there is no "
+                                f"example to repeat (given: {shapes}).")
     resized: dict[str, Any] = {}
     for name, value in named_inputs.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == current:
@@ -335,10 +336,12 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
     """Restores ``module``'s buffers (BatchNorm statistics move in TRAIN) and torchmetrics states (metric
     bricks update in TRAIN/VALIDATION/TEST) after the block: benchmarking or verifying a stage must not
     change the model or the metrics it has accumulated."""
-    # A lazy module's uninitialized buffers have no values to keep: the block's first run initializes
-    # them, as any first call would.
+    # A lazy module's uninitialized buffers have no values to keep: the block's first run initializes them
+    # (as any first call would), and its running statistics are reset to their initial values afterwards.
     buffers = {(m, name): b.detach().clone() for m in module.modules() for name, b in m._buffers.items()
                if b is not None and not is_lazy(b)}
+    lazy_norms: list[Any] = [m for m in module.modules() if hasattr(m, "reset_running_stats")
+                             and any(b is not None and is_lazy(b) for b in m._buffers.values())]
     metrics: dict[Any, tuple[Any, Any, Any]] = {
         m: (copy.deepcopy(m.metric_state), getattr(m, "_update_count", None), getattr(m, "_computed", None))
         for m in module.modules() if hasattr(m, "metric_state") and hasattr(m, "_defaults")}
@@ -353,6 +356,9 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
                 # updates its running statistics without bumping theirs.)
                 if current is not None and not torch.equal(current, saved):
                     current.copy_(saved)
+            for norm in lazy_norms:
+                if not any(b is not None and is_lazy(b) for b in norm._buffers.values()):
+                    norm.reset_running_stats()
         for metric, (state, update_count, computed) in metrics.items():
             for name, value in state.items():
                 setattr(metric, name, value)

@@ -52,6 +52,10 @@ class Preprocessor(nn.Module):
             # Normalizing integer pixels without scaling would silently give values ~255x too large.
             raise BrickError(f"Preprocessor got {images.dtype} images; pass floats in [0, 1] or build it with "
                              f"Preprocessor(uint8_input=True) for uint8 pixels in [0, 255].")
+        if images.dim() < 3 or self.mean.shape[0] not in (1, images.shape[-3]):  # one value: every channel
+            raise BrickError(f"Preprocessor normalizes {self.mean.shape[0]} channels (mean and std have "
+                             f"{self.mean.shape[0]} values), but got images of shape {tuple(images.shape)}; pass "
+                             f"(..., channels, height, width) images or one mean and std per channel.")
         return (images - self.mean) / self.std
 
     def extra_repr(self) -> str:

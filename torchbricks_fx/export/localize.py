@@ -41,10 +41,9 @@ class SpecializedAxes(Exception):
     torch.export finds code that specializes on its size); raised so that the failure is localized."""
 
 
-SPECIALIZED_HINT = ("code specializes on that axis's size: a Python branch on it (if x.shape[0] == 2), or a "
-                    "size computed into a constant (view(2, -1)); make the code size-generic, or keep the axis "
-                    "at its example size (dynamic_shapes={input: {axis: None}}; dynamic_batch=False for the "
-                    "batch axis).")
+SPECIALIZED_HINT = ("code specializes on that axis's size, e.g. a Python branch on it (if x.shape[0] == 2); "
+                    "make the code size-generic, or keep the axis at its example size (dynamic_shapes={input: "
+                    "{axis: None}}; dynamic_batch=False for the batch axis).")
 
 
 class BrickAlone(nn.Module):

@@ -142,8 +142,10 @@ def run_export(exporter: Exporter, collection: BrickCollection, path: str | os.P
             try:
                 with target.bound.modes(grad=False):
                     exporter.write(target, traced, axes, staged)
-            except (BrickExportError, OSError):
-                raise  # our own checks and file system errors are not the bricks'
+            except BrickExportError:
+                raise  # our own checks are not the bricks'
+            except OSError as error:  # a full disk: not the bricks' either; the OS names the hidden staged file
+                raise BrickExportError(f"Cannot write {path}: {error.strerror or error_summary(error)}") from error
             except Exception as error:
                 raise localized_failure(exporter.what, exporter.try_brick, _hint(exporter, error),
                                         exporter.config_hint, target, traced, axes, values, error) from error

@@ -188,8 +188,8 @@ def second_args(args: Sequence[torch.Tensor], axes: Axes) -> tuple[torch.Tensor,
 
 
 def random_like(example: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
-    """Random values of ``example``'s dtype and device within its range (integers: often class ids, so a
-    single value is widened towards 0, which stays a valid index)."""
+    """Random values of ``example``'s dtype and device within its range (integers: often class ids or
+    indices, so a single positive value is widened downwards, which keeps an index valid)."""
     if example.dtype == torch.bool:
         value = torch.randint(0, 2, shape, generator=generator).bool()
     elif example.is_floating_point():
@@ -201,8 +201,8 @@ def random_like(example: torch.Tensor, shape: list[int], generator: torch.Genera
         raise BrickExportError("Complex inputs cannot be verified; pass verify=False.")
     else:
         low_i, high_i = (int(example.min()), int(example.max())) if example.numel() else (0, 1)
-        if low_i == high_i:  # one value (an all-ones mask, one token id): vary it, or a frozen value goes unseen
-            low_i, high_i = (low_i - 1, high_i) if low_i > 0 else (low_i, high_i + 1)
+        if low_i == high_i > 0:  # one value (an all-ones mask, one token id): vary it, or a frozen value goes
+            low_i -= 1  # unseen; downwards, so an index stays valid (0 stays: a table may have one row)
         value = torch.randint(low_i, high_i + 1, shape, generator=generator)
     return value.to(dtype=example.dtype, device=example.device)
 
