@@ -246,6 +246,37 @@ def test_bundle_refuses_a_modified_artifact_and_bad_inputs(small_budget, tmp_pat
         load_bundle(tmp_path)
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.pop("artifact"), r"artifact: expected an object"),
+    (lambda m: m.update(files=[]), r"files: expected an object of sha256 strings"),
+    (lambda m: m["artifact"].update(files="model.onnx"), r"artifact\.files: expected a list of file names"),
+    (lambda m: m["artifact"].update(providers="CUDAExecutionProvider"), r"artifact\.providers: expected a list"),
+    (lambda m: m["inputs"][0].update(shape="batch"), r"inputs: expected a list of \{name, dtype, shape\}"),
+])
+def test_a_damaged_manifest_is_refused_naming_the_field(small_budget, tmp_path, edit, message):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_budget.folder, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BrickDeployError, match=rf"not a well-formed bundle manifest \({message}"):
+        load_bundle(copy)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (dict(folder=None), "takes the bundle's folder as a path, not NoneType"),
+    (dict(threads="2"), "threads must be a positive integer or None, not '2'"),
+    (dict(providers="CUDAExecutionProvider"), "providers must be a list of onnxruntime provider names"),
+])
+def test_load_bundle_refuses_arguments_of_the_wrong_type(small_budget, arguments, message):
+    arguments = {"folder": small_budget.folder, **arguments}
+    with pytest.raises(BrickDeployInputError, match=message):
+        load_bundle(arguments.pop("folder"), **arguments)
+
+
 # ------------------------------------------------------------------------------------------- a tiny model
 def tiny_bricks() -> dict[str, Any]:
     torch.manual_seed(0)

@@ -77,7 +77,38 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
         found = manifest.get("schema") if isinstance(manifest, dict) else None
         raise BrickDeployError(f"{path} is not a torchbricks_fx bundle manifest (schema {found!r}, expected "
                                f"{BUNDLE_SCHEMA!r}).")
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise BrickDeployError(f"{path} is not a well-formed bundle manifest ({problem}); deploy again to get a "
+                               f"valid bundle.")
     return manifest
+
+
+def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
+    """What is wrong with the parts of the manifest that loading reads (a hand edit, a damaged file)."""
+    def is_list(value: Any, item: type | tuple[type, ...]) -> bool:
+        return isinstance(value, list) and all(isinstance(v, item) for v in value)
+
+    artifact, files = manifest.get("artifact"), manifest.get("files")
+    checks = [
+        ("artifact", isinstance(artifact, dict), "an object"),
+        ("files", isinstance(files, dict) and all(isinstance(v, str) for v in files.values()),
+         "an object of sha256 strings"),
+        ("artifact.format", isinstance(artifact, dict) and isinstance(artifact.get("format"), str), "a string"),
+        ("artifact.files", isinstance(artifact, dict) and is_list(artifact.get("files"), str) and artifact["files"],
+         "a list of file names"),
+        ("artifact.providers", isinstance(artifact, dict) and is_list(artifact.get("providers", []), str),
+         "a list of provider names"),
+    ]
+    for field in ("inputs", "outputs"):
+        specs: Any = manifest.get(field)
+        checks.append((field, is_list(specs, dict) and all(
+            isinstance(s.get("name"), str) and isinstance(s.get("dtype"), str) and is_list(s.get("shape"), (int, str))
+            for s in specs), "a list of {name, dtype, shape}"))
+    for field, ok, expected in checks:
+        if not ok:
+            return f"{field}: expected {expected}"
+    return None
 
 
 def _checked_file(folder: Path, name: str, hashes: Mapping[str, str]) -> Path:
@@ -219,6 +250,13 @@ def load_bundle(folder: str | os.PathLike[str], *, providers: Sequence[Any] | No
     ``providers`` (default: those the bundle was measured with, where available, else the CPU) and
     ``threads`` (intra-op threads; default: onnxruntime's) configure the session.  ``.pt2`` bundles need
     torch."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise BrickDeployInputError(f"load_bundle takes the bundle's folder as a path, not {type(folder).__name__}.")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise BrickDeployInputError(f"threads must be a positive integer or None, not {threads!r}.")
+    if providers is not None and (isinstance(providers, str) or not isinstance(providers, Sequence)):
+        raise BrickDeployInputError(f"providers must be a list of onnxruntime provider names, not {providers!r} "
+                                    f"(e.g. ['CUDAExecutionProvider', 'CPUExecutionProvider']).")
     folder = Path(folder)
     manifest = read_manifest(folder)
     artifact = manifest["artifact"]
