@@ -299,7 +299,7 @@ def test_save_bricks_failure_leaves_no_partial_folder(tmp_path, multitask, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(BrickError, match="disk full"):
         multitask.save_bricks(tmp_path / "weights")
     assert list(tmp_path.iterdir()) == []
 

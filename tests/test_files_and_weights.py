@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from torchbricks_fx import BrickCollection, BrickError, BrickTrainable
-from torchbricks_fx.files import staged_folder, staged_set, write_text
+from torchbricks_fx.files import staged_folder, write_text
+from torchbricks_fx.fileset import staged_set
 
 
 def dense(*names: str, seed: int = 0) -> BrickCollection:
@@ -101,7 +102,7 @@ def test_a_failed_save_changes_nothing_in_the_folder(tmp_path, monkeypatch):
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(torch, "save", fail_second)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(BrickError, match=r"brick 'head' to '.*proj/head\.pt': OSError: disk full; nothing was changed"):
         dense("enc", "head", seed=1).save_bricks(folder)
     assert {name: (folder / name).read_bytes() for name in listing(folder) if (folder / name).is_file()} == before
     assert listing(folder) == sorted([*before, "runs"])  # no staging left
@@ -182,8 +183,8 @@ def test_a_save_killed_at_any_step_leaves_complete_old_or_new_weights(tmp_path, 
         assert visible(folder) == ["enc.pt", "new_head.pt", "notes.txt", "other_model.ckpt", "runs"]
     assert_user_files(folder)
     new.save_bricks(folder)  # the next save cleans up after the killed one
-    assert listing(folder) == [".bricks.tbfx.json", "enc.pt", "new_head.pt", "notes.txt", "other_model.ckpt",
-                               "runs"]
+    assert listing(folder) == [".bricks.tbfx.json", ".bricks.tbfx.lock", "enc.pt", "new_head.pt", "notes.txt",
+                               "other_model.ckpt", "runs"]
 
 
 # ------------------------------------------------------------------------------------------- permissions
@@ -257,3 +258,136 @@ def test_a_failed_move_into_place_raises_the_writers_error_and_keeps_the_old_fil
     with pytest.raises(WriteError, match=f"^Cannot write {path}: No space left on device$"):
         write_text(path, "new\n", error=WriteError)
     assert path.read_text() == "old\n" and listing(tmp_path) == ["report.json"]
+
+
+# ------------------------------------------------------------------------------------------- loading
+def test_a_full_disk_while_saving_names_the_brick_and_folder_and_keeps_the_old_weights(tmp_path):
+    resource = pytest.importorskip("resource")
+    import signal
+
+    folder = tmp_path / "proj"
+    old = BrickCollection({"big": BrickTrainable(nn.Linear(256, 256), ["x"], ["y"])})
+    old.save_bricks(folder)
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))  # writes past 100 kB fail, like a full disk
+    try:
+        with pytest.raises(BrickError, match=rf"^Cannot write the weights of brick 'big' to '{folder}/big\.pt': "
+                                             rf"File too large; nothing was changed at '{folder}'\.$"):
+            BrickCollection({"big": BrickTrainable(nn.Linear(256, 256), ["x"], ["y"])}).save_bricks(folder)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert torch.equal(weight(folder, "big"), old["big"].model.weight)
+    assert listing(folder) == [".bricks.tbfx.json", "big.pt"]  # no staging left
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@pytest.mark.parametrize(("value", "problem"), [
+    ([1.0, 2.0], "is a list in the file, not a tensor"),
+    (torch.zeros(2, 2).to_sparse(), "has layout torch.sparse_coo in the file, torch.strided in the brick"),
+    (torch.zeros(2, 2, device="meta"), "is a meta tensor in the file"),
+    (torch.zeros(2, 2, dtype=torch.complex64), "has dtype torch.complex64 in the file, which does not convert"),
+], ids=["list", "sparse", "meta", "complex"])
+def test_a_value_that_cannot_load_is_refused_before_any_brick_loads(tmp_path, value, problem):
+    folder = dense("enc", "head").save_bricks(tmp_path / "proj")
+    torch.save({"model.weight": value, "model.bias": torch.zeros(2)}, folder / "head.pt")
+    fresh = dense("enc", "head", seed=1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(BrickError, match=rf"nothing was loaded:\n- brick 'head': model\.weight {problem}"):
+        fresh.load_bricks(folder)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # not even 'enc'
+
+
+def test_a_brick_failing_to_load_after_the_checks_puts_the_loaded_ones_back(tmp_path):
+    folder = dense("enc", "head").save_bricks(tmp_path / "proj")
+    fresh = dense("enc", "head", seed=1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+
+    def refuse(module: nn.Module, keys: object) -> None:
+        raise RuntimeError("my hook refuses")
+
+    fresh["head"].model.register_load_state_dict_post_hook(refuse)
+    with pytest.raises(BrickError, match=r"brick 'head': RuntimeError: my hook refuses; nothing was loaded"):
+        fresh.load_bricks(folder)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_load_bricks_fills_lazy_modules_as_load_state_dict_does(tmp_path):
+    def lazy() -> BrickCollection:
+        return BrickCollection({"enc": BrickTrainable(nn.Linear(2, 3), ["x"], ["h"]),
+                                "head": BrickTrainable(nn.LazyLinear(2), ["h"], ["y"])})
+
+    trained = lazy()
+    trained(named_inputs={"x": torch.ones(1, 2)}, stage="inference")  # initializes the lazy layer
+    folder = trained.save_bricks(tmp_path / "proj")
+    fresh = lazy()
+    fresh.load_bricks(folder)
+    assert torch.equal(fresh["head"].model.weight, trained["head"].model.weight)
+
+
+def test_a_folder_with_no_file_for_any_brick_is_an_error_naming_files_and_bricks(tmp_path):
+    folder = dense("enc", "head").save_bricks(tmp_path / "proj")
+    renamed = dense("encoder", "classifier", seed=1)
+    with pytest.raises(BrickError, match=rf"No weights file in '{folder}' matches a brick.*\['enc\.pt', 'head\.pt'\]"
+                                         r".*\['encoder', 'classifier'\]"):
+        renamed.load_bricks(folder)
+
+
+# ------------------------------------------------------------------------------------------- files.py
+def test_a_folder_made_meanwhile_by_someone_else_is_not_replaced_without_overwrite(tmp_path):
+    bundle = tmp_path / "bundle"
+    with pytest.raises(BrickError, match="bundle already exists; pass overwrite=True"), \
+            staged_folder(bundle, overwrite=False) as staging:
+        (staging / "mine.txt").write_text("mine")
+        bundle.mkdir()
+        (bundle / "theirs.txt").write_text("theirs")  # another process's finished bundle
+    assert listing(bundle) == ["theirs.txt"] and listing(tmp_path) == ["bundle"]
+    with staged_folder(tmp_path / "empty", overwrite=False) as staging:  # an empty one loses nothing: replaced
+        (staging / "mine.txt").write_text("mine")
+        (tmp_path / "empty").mkdir()
+    assert listing(tmp_path / "empty") == ["mine.txt"]
+
+
+@pytest.mark.parametrize("name", ["model[1].onnx", "run*.json", "bundle[v2]"])
+def test_staging_left_by_a_killed_write_is_removed_also_when_the_name_has_glob_characters(tmp_path, name):
+    left = tmp_path / f".{name}.tbfx-{dead_pid()}-0123abcd.tmp"
+    left.mkdir()
+    (left / name).write_bytes(b"half")
+    if "." in name:
+        write_text(tmp_path / name, "{}\n")
+    else:
+        with staged_folder(tmp_path / name, overwrite=True) as staging:
+            (staging / "m").write_text("ok")
+    assert listing(tmp_path) == [name]
+
+
+def test_staged_files_are_flushed_to_disk_before_they_are_moved_in(tmp_path, monkeypatch):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("names the flushed files through /proc")
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        events.append("fsync " + os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    def replace(source: object, destination: object) -> None:
+        events.append(f"move {destination}")
+        real_replace(source, destination)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_text(tmp_path / "lock.json", "{}\n")
+    move = events.index(f"move {tmp_path / 'lock.json'}")
+    assert any(e.startswith("fsync ") and e.endswith("/lock.json") for e in events[:move])  # the staged file
+    assert f"fsync {tmp_path}" in events[move:]  # the folder's new entry
+
+
+def test_replacing_a_linked_folder_leaves_no_hidden_entry(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "old.txt").write_text("old")
+    (tmp_path / "bundle").symlink_to(tmp_path / "real")
+    with staged_folder(tmp_path / "bundle", overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert listing(tmp_path) == ["bundle", "real"]
+    assert listing(tmp_path / "bundle") == ["new.txt"] and listing(tmp_path / "real") == ["old.txt"]

@@ -7,9 +7,11 @@ when complete, so a failure or a kill never leaves a half-written artifact under
 * :func:`staged_folder`: a whole folder, swapped in so that at every instant the destination holds either
   the complete old folder or the complete new one (an atomic exchange where the OS has one; otherwise a
   backup that the next access restores, see :func:`recover_folder`);
-* :func:`staged_set`: a set of files written together into a folder that may hold other files (the
-  per-brick weights): only the previous write's files are replaced or removed, the rest of the folder stays;
 * :func:`write_text`: a small text file (JSON, Markdown).
+
+(Sets of files written together into a folder that holds other files, the per-brick weights, are in
+:mod:`torchbricks_fx.fileset`, built on these helpers.)  What is moved into place is flushed to disk first
+(``fsync``) and so is the folder after the move, so a power loss cannot leave a renamed but empty file.
 
 Staging folders are created like ``os.makedirs`` would (mode ``0o777`` less the umask), so a folder swapped
 in whole is as readable as any other.  They are named ``.<name>.tbfx-<pid>-<random>.<kind>``; the next write
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
+import errno
+import glob
 import os
 import shutil
 import sys
@@ -30,17 +33,22 @@ from pathlib import Path
 
 from torchbricks_fx.errors import BrickError, error_summary
 
-__all__ = ["recover_folder", "recover_set", "staged_file", "staged_folder", "staged_set", "write_text"]
+__all__ = ["recover_folder", "staged_file", "staged_folder", "write_text"]
 
 _TAG = "tbfx"
 
 
-def _staging_prefix(name: str) -> str:
+def staging_prefix(name: str) -> str:
     return f".{name}.{_TAG}-{os.getpid()}-"
 
 
+def staging_glob(name: str, kind: str) -> str:
+    """The glob pattern of every process's staging of ``name`` (escaped: names such as ``model[1].onnx``)."""
+    return f"{glob.escape(f'.{name}.{_TAG}-')}*.{kind}"
+
+
 @contextlib.contextmanager
-def _named(path: Path, error: type[BrickError]) -> Iterator[None]:
+def named(path: Path, error: type[BrickError]) -> Iterator[None]:
     """An ``OSError`` of the block (a read-only or missing parent, a full disk) as ``error`` naming ``path``:
     the OS would name the hidden staging path, which the user never asked for."""
     try:
@@ -49,10 +57,10 @@ def _named(path: Path, error: type[BrickError]) -> Iterator[None]:
         raise error(f"Cannot write {path}: {cause.strerror or error_summary(cause)}") from cause
 
 
-def _make_staging(path: Path, kind: str) -> Path:
+def make_staging(path: Path, kind: str) -> Path:
     # Not tempfile.mkdtemp: its 0o700 would stay on a folder swapped in whole (bundles, new weights folders).
     while True:
-        staging = path.parent / f"{_staging_prefix(path.name)}{os.urandom(4).hex()}.{kind}"
+        staging = path.parent / f"{staging_prefix(path.name)}{os.urandom(4).hex()}.{kind}"
         try:
             staging.mkdir(mode=0o777)  # less the umask
         except FileExistsError:
@@ -60,13 +68,13 @@ def _make_staging(path: Path, kind: str) -> Path:
         return staging
 
 
-def _owner_pid(staging: Path, name: str) -> int | None:
+def owner_pid(staging: Path, name: str) -> int | None:
     rest = staging.name[len(f".{name}.{_TAG}-"):]
     pid = rest.split("-", 1)[0]
     return int(pid) if pid.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -78,10 +86,42 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_staging(path: Path) -> None:
     """Removes staging folders of ``path`` left by processes that no longer run (killed mid-write)."""
-    for staging in path.parent.glob(f".{path.name}.{_TAG}-*.tmp"):
-        pid = _owner_pid(staging, path.name)
-        if pid is not None and pid != os.getpid() and not _alive(pid):
-            shutil.rmtree(staging, ignore_errors=True)
+    for staging in path.parent.glob(staging_glob(path.name, "tmp")):
+        pid = owner_pid(staging, path.name)
+        if pid is not None and pid != os.getpid() and not alive(pid):
+            remove(staging)
+
+
+def remove(path: Path) -> None:
+    """Removes a folder tree, or a link in its place (``rmtree`` refuses links: one would stay forever)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sync_tree(path: Path) -> None:
+    """Flushes the files under ``path`` (and the folders, for their entries) to disk before they are moved
+    into place: without it a power loss can leave a renamed file empty.  Measured: about 1 ms more for a 10 MB
+    file (10.0 ms instead of 9.1 ms, ext4 on a virtual disk); a physical disk takes as long as writing it."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            _sync(os.path.join(folder, name), os.O_RDONLY)
+        sync_folder(Path(folder))
+
+
+def sync_folder(folder: Path) -> None:
+    """Flushes a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    with contextlib.suppress(OSError):  # Windows cannot open a folder; some file systems refuse fsync on one
+        _sync(os.fspath(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _sync(path: str, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def check_destination(path: Path, overwrite: bool, error: type[BrickError] = BrickError,
@@ -108,15 +148,17 @@ def staged_file(path: str | os.PathLike[str], overwrite: bool, error: type[Brick
     folder in any case, and the folders it created when nothing was written."""
     path = Path(path)
     check_destination(path, overwrite, error)
-    with _named(path, error):
-        created = _make_parents(path.parent)
+    with named(path, error):
+        created = make_parents(path.parent)
         remove_stale_staging(path)
-        staging = _make_staging(path, "tmp")
+        staging = make_staging(path, "tmp")
     committed = False
     try:
         yield staging / path.name
-        with _named(path, error):
+        with named(path, error):
+            sync_tree(staging)
             _commit(staging, path, overwrite, error, sidecars)
+            sync_folder(path.parent)
         committed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -129,12 +171,12 @@ def staged_file(path: str | os.PathLike[str], overwrite: bool, error: type[Brick
 def write_text(path: str | os.PathLike[str], text: str, overwrite: bool = True,
                error: type[BrickError] = BrickError) -> Path:
     """Writes ``text`` to ``path`` atomically (a reader never sees half a file)."""
-    with staged_file(path, overwrite, error) as staged, _named(Path(path), error):
+    with staged_file(path, overwrite, error) as staged, named(Path(path), error):
         staged.write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def _make_parents(folder: Path) -> list[Path]:
+def make_parents(folder: Path) -> list[Path]:
     missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
     folder.mkdir(parents=True, exist_ok=True)
     return missing
@@ -206,38 +248,44 @@ def _move_new(source: Path, destination: Path, error: type[BrickError]) -> None:
 def staged_folder(folder: str | os.PathLike[str], overwrite: bool,
                   error: type[BrickError] = BrickError) -> Iterator[Path]:
     """Yields an empty staging folder next to ``folder``; when the block succeeds, it replaces ``folder``
-    (see :func:`replace_folder`).  On failure the staging folder is removed and ``folder`` is untouched."""
+    (see :func:`replace_folder`).  On failure the staging folder is removed and ``folder`` is untouched.
+    Without ``overwrite``, a folder that another process made meanwhile (not empty) is refused, not replaced."""
     folder = Path(folder)
-    with _named(folder, error):
+    with named(folder, error):
         recover_folder(folder)
     check_destination(folder, overwrite, error, is_folder=True)
-    with _named(folder, error):
-        created = _make_parents(folder.parent)
+    with named(folder, error):
+        created = make_parents(folder.parent)
         remove_stale_staging(folder)
-        staging = _make_staging(folder, "tmp")
+        staging = make_staging(folder, "tmp")
     done = False
     try:
         yield staging
-        with _named(folder, error):
-            replace_folder(staging, folder)
-        done = True
+        with named(folder, error):
+            sync_tree(staging)
+            done = replace_folder(staging, folder, overwrite)
+            sync_folder(folder.parent)
+        if not done:
+            raise error(f"{folder} already exists; pass overwrite=True to replace it.")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        for parent in reversed(created if not done else []):  # a failure leaves no folders it made
+        for parent in reversed(created[:0] if done else created):  # a failure leaves no folders it made
             with contextlib.suppress(OSError):
                 parent.rmdir()
 
 
-def replace_folder(staging: Path, folder: Path) -> None:
-    """Puts ``staging`` at ``folder``.  An existing folder is exchanged with it atomically where the OS can
-    (Linux ``renameat2(RENAME_EXCHANGE)``) and then removed; elsewhere it is first renamed to a backup, which
-    :func:`recover_folder` puts back if the process dies before the new folder is in place."""
-    if not folder.exists():
-        os.rename(staging, folder)
-        return
+def replace_folder(staging: Path, folder: Path, overwrite: bool = True) -> bool:
+    """Puts ``staging`` at ``folder``; ``False`` if, without ``overwrite``, something is there already (an
+    empty folder is replaced: nothing is lost).  An existing folder is exchanged with it atomically where the
+    OS can (Linux ``renameat2(RENAME_EXCHANGE)``) and then removed; elsewhere it is first renamed to a backup,
+    which :func:`recover_folder` puts back if the process dies before the new folder is in place."""
+    if (not overwrite or not folder.exists()) and rename_new_folder(staging, folder):
+        return True
+    if not overwrite:
+        return False
     if _exchange(staging, folder):
-        shutil.rmtree(staging, ignore_errors=True)  # now holds the old folder
-        return
+        remove(staging)  # now holds the old folder (or the link that stood for it)
+        return True
     backup = folder.parent / f".{folder.name}.{_TAG}-{os.getpid()}-{os.urandom(4).hex()}.old"
     os.rename(folder, backup)
     try:
@@ -245,19 +293,32 @@ def replace_folder(staging: Path, folder: Path) -> None:
     except BaseException:
         os.rename(backup, folder)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    remove(backup)
+    return True
+
+
+def rename_new_folder(staging: Path, folder: Path) -> bool:
+    """Renames ``staging`` to ``folder``; ``False`` where a folder with files, or a file, took the name
+    meanwhile (the rename itself checks: no window between a check and the move)."""
+    try:
+        os.rename(staging, folder)
+    except OSError as cause:
+        if cause.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            return False
+        raise
+    return True
 
 
 def recover_folder(folder: str | os.PathLike[str]) -> None:
     """Puts back the backup of ``folder`` left by a process killed between the two renames of
     :func:`replace_folder`, and removes backups whose replacement is in place."""
     folder = Path(folder)
-    for backup in sorted(folder.parent.glob(f".{folder.name}.{_TAG}-*.old")):
-        pid = _owner_pid(backup, folder.name)
-        if pid is not None and pid != os.getpid() and _alive(pid):
+    for backup in sorted(folder.parent.glob(staging_glob(folder.name, "old"))):
+        pid = owner_pid(backup, folder.name)
+        if pid is not None and pid != os.getpid() and alive(pid):
             continue  # another process is replacing the folder right now
         if folder.exists():
-            shutil.rmtree(backup, ignore_errors=True)
+            remove(backup)
         else:
             os.rename(backup, folder)
 
@@ -278,93 +339,3 @@ def _exchange(first: Path, second: Path) -> bool:
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     result = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
     return result == 0
-
-
-# ------------------------------------------------------------------------------------------- file sets
-@contextlib.contextmanager
-def staged_set(folder: str | os.PathLike[str], name: str, error: type[BrickError] = BrickError) -> Iterator[Path]:
-    """Yields an empty staging folder for a set of files written together (``name`` says which set).  When
-    the block succeeds, the staged files replace, inside ``folder``, the files of the set's previous write
-    (listed in the hidden manifest ``.<name>.tbfx.json``); every other file of ``folder`` stays.
-
-    A new folder is renamed into place whole.  Into an existing one, the staging folder (inside it) is first
-    marked complete by a rename, the commit point, and then its files are moved in; a process killed while
-    moving them leaves the complete new set staged, which :func:`recover_set` moves in on the next access."""
-    folder = Path(folder)
-    check_destination(folder, True, error, is_folder=True)
-    if not folder.exists():
-        with staged_folder(folder, False, error) as staging:
-            yield staging
-            _write_manifest(staging, name)
-        return
-    with _named(folder, error):
-        recover_set(folder, name)
-        staging = _make_staging(folder / name, "tmp")
-    try:
-        yield staging
-        _check_targets(staging, folder, error)
-        with _named(folder, error):
-            _write_manifest(staging, name)
-            ready = staging.with_name(staging.name.removesuffix(".tmp") + ".ready")
-            os.rename(staging, ready)  # the commit point
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    with _named(folder, error):
-        _complete_set(folder, name, ready)
-
-
-def recover_set(folder: str | os.PathLike[str], name: str) -> None:
-    """Moves in the complete sets that a process killed after the commit point left staged in ``folder``
-    (oldest first, so the newest wins), and removes the staging of killed writes that had not committed."""
-    folder = Path(folder)
-    readies = sorted(folder.glob(f".{name}.{_TAG}-*.ready"), key=lambda p: p.stat().st_mtime)
-    for ready in readies:
-        pid = _owner_pid(ready, name)
-        if pid is None or pid == os.getpid() or not _alive(pid):  # our own: a completion that raised
-            _complete_set(folder, name, ready)
-    remove_stale_staging(folder / name)
-
-
-def _manifest(folder: Path, name: str) -> Path:
-    return folder / f".{name}.{_TAG}.json"
-
-
-def _write_manifest(staging: Path, name: str) -> None:
-    files = sorted(p.name for p in staging.iterdir())
-    _manifest(staging, name).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
-
-
-def _listed(manifest: Path) -> set[str]:
-    """The plain file names a manifest lists; none when it is missing or unreadable (nothing is removed)."""
-    try:
-        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
-    return {f for f in files if isinstance(f, str) and f not in ("", ".", "..", manifest.name) and Path(f).name == f}
-
-
-def _check_targets(staging: Path, folder: Path, error: type[BrickError]) -> None:
-    """Refuses, before the commit point, a set whose files would replace folders (the move would fail)."""
-    blocked = sorted(p.name for p in staging.iterdir() if (folder / p.name).is_dir())
-    if blocked:
-        raise error(f"Cannot write {blocked} in {folder}: they are folders there; nothing was changed.")
-
-
-def _complete_set(folder: Path, name: str, ready: Path) -> None:
-    """Moves a committed set in: its files, then the removal of the previous set's files it lacks, then its
-    manifest, then the staging folder.  Idempotent, so a kill at any step is completed by running it again."""
-    manifest, staged_manifest = _manifest(folder, name), _manifest(ready, name)
-    moved = contextlib.suppress(FileNotFoundError)  # by another thread completing the same set
-    for staged in sorted(ready.iterdir()) if ready.is_dir() else ():
-        if staged.name != manifest.name:
-            with moved:
-                os.replace(staged, folder / staged.name)
-    if staged_manifest.exists():  # else it is in place already, and so is everything before it
-        new = _listed(staged_manifest)
-        for gone in sorted(_listed(manifest) - new):
-            if not (folder / gone).is_dir():
-                (folder / gone).unlink(missing_ok=True)
-        with moved:
-            os.replace(staged_manifest, manifest)
-    shutil.rmtree(ready, ignore_errors=True)

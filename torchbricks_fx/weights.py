@@ -1,12 +1,14 @@
 """Per-brick weights: one ``<brick name>.pt`` file per brick in a folder, saved crash-safely.
 
-``save_bricks`` stages the new files and moves them in only once all are written (``files.staged_set``): the
+``save_bricks`` stages the new files and moves them in only once all are written (``fileset.staged_set``): the
 destination holds either the complete old weights or the complete new ones, and any other file in it stays.
-``load_bricks`` checks every file against its brick before loading any, so nothing is half-loaded.
+``load_bricks`` checks every file against its brick before loading any, so nothing is half-loaded, and reads
+them while no save commits (``fileset.reading_set``): it sees the complete old weights or the complete new ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import urllib.parse
@@ -16,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
-from torchbricks_fx.errors import BrickError, add_note, error_summary
-from torchbricks_fx.files import recover_folder, recover_set, staged_set
+from torchbricks_fx.errors import BrickError, error_summary
+from torchbricks_fx.files import recover_folder
+from torchbricks_fx.fileset import reading_set, staged_set
 
 if TYPE_CHECKING:
     from torchbricks_fx.brick import Brick
@@ -50,41 +54,54 @@ def save_bricks(collection: BrickCollection, folder: str | os.PathLike[str]) -> 
     with staged_set(folder, _SET) as staging:
         for name, _, brick in collection.named_bricks():
             state = brick.state_dict()
-            if not state:
-                continue
-            try:
-                torch.save(state, staging / weights_file(name))
-            except OSError as error:
-                add_note(error, f"(saving the weights of brick {name!r} to {str(folder / weights_file(name))!r}; "
-                               f"nothing was changed at {str(folder)!r})")
-                raise
+            if state:
+                _write(state, staging / weights_file(name), name, folder)
     return folder
+
+
+def _write(state: Mapping[str, Any], staged: Path, brick: str, folder: Path) -> None:
+    try:
+        with open(staged, "wb") as file:  # a file object: torch's zip writer then chains the OSError it hit
+            torch.save(state, file)
+    except (OSError, RuntimeError) as error:  # a full disk is a RuntimeError of the zip writer
+        raise BrickError(f"Cannot write the weights of brick {brick!r} to {str(folder / staged.name)!r}: "
+                         f"{_reason(error)}; nothing was changed at {str(folder)!r}.") from error
+
+
+def _reason(error: BaseException) -> str:
+    """The OS's reason (``No space left on device``) where one is in the chain, else the error's first line."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return error_summary(error, 160, first_line=True)
 
 
 def load_bricks(collection: BrickCollection, folder: str | os.PathLike[str]) -> None:
     """Loads per-brick weights saved by :func:`save_bricks` (``weights_only=True``).  Bricks without a file
-    keep their weights and are warned about by name; nothing is loaded unless every file reads and fits."""
+    keep their weights and are warned about by name; nothing is loaded unless every file reads and fits, and
+    a folder with no file for any brick is an error.  A save running meanwhile (another process of this
+    machine) is not seen half-way: the files are read while no save commits."""
     folder = Path(folder)
     recover_folder(folder)  # a backup left by an older version's save killed mid-swap
     if not folder.is_dir():
         raise BrickError(f"No brick weights folder at {str(folder)!r}.")
-    recover_set(folder, _SET)  # a save killed while moving its complete new files in
     bricks = collection.bricks()
-    states: dict[str, Mapping[str, Any]] = {}
-    missing = []
-    for name, brick in bricks.items():
-        path = folder / weights_file(name)
-        if path.exists():
-            states[name] = _read(path, name)
-        elif brick.state_dict():
-            missing.append(name)
+    with reading_set(folder, _SET, BrickError):
+        states = {name: _read(folder / weights_file(name), name) for name in bricks
+                  if (folder / weights_file(name)).exists()}
+        files = sorted(p.name for p in folder.glob(f"*{WEIGHTS_SUFFIX}"))
+    missing = [name for name, brick in bricks.items() if name not in states and brick.state_dict()]
+    if missing and not states:
+        raise BrickError(f"No weights file in {str(folder)!r} matches a brick, so nothing was loaded: the folder "
+                         f"holds {files or 'no *' + WEIGHTS_SUFFIX + ' file'}, the bricks with weights are {missing} "
+                         f"(save_bricks names a brick's file {weights_file(missing[0])!r}).")
     problems = [p for name, state in states.items() for p in _state_problems(name, bricks[name], state)]
     if problems:
         raise BrickError("Brick weights do not fit; nothing was loaded:\n" + "\n".join(problems))
-    for name, state in states.items():
-        bricks[name].load_state_dict(state)
-    known = {weights_file(name) for name in bricks}
-    unknown = sorted(p.name for p in folder.glob(f"*{WEIGHTS_SUFFIX}") if p.name not in known)
+    _load_all(bricks, states)
+    unknown = sorted(set(files) - {weights_file(name) for name in bricks})
     if missing:
         warnings.warn(f"No weights file for brick(s) {missing} in {str(folder)!r}; they keep their weights.",
                       stacklevel=3)
@@ -110,11 +127,46 @@ def _state_problems(name: str, brick: Brick, state: Mapping[str, Any]) -> list[s
     expected = brick.state_dict()
     problems = []
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected), key=str)
     if missing or unexpected:
         problems.append(f"- brick {name!r}: missing keys {missing}, unexpected keys {unexpected}")
-    for key in set(expected) & set(state):
-        if tuple(expected[key].shape) != tuple(state[key].shape):
-            problems.append(f"- brick {name!r}: {key} has shape {tuple(state[key].shape)} in the file, "
-                            f"{tuple(expected[key].shape)} in the brick")
+    for key in sorted(set(expected) & set(state)):
+        problem = _value_problem(expected[key], state[key])
+        if problem:
+            problems.append(f"- brick {name!r}: {key} {problem}")
     return problems
+
+
+def _value_problem(target: torch.Tensor, value: object) -> str | None:
+    """What keeps ``value`` from loading into ``target`` (``load_state_dict`` would fail half-way, or copy a
+    list's items into the wrong places), or ``None``."""
+    if not isinstance(value, torch.Tensor):
+        return f"is a {type(value).__name__} in the file, not a tensor"
+    if value.is_meta:
+        return "is a meta tensor in the file: it holds no values"
+    if value.layout != target.layout:
+        return f"has layout {value.layout} in the file, {target.layout} in the brick"
+    if not torch.can_cast(value.dtype, target.dtype):
+        return f"has dtype {value.dtype} in the file, which does not convert to the brick's {target.dtype}"
+    if not is_lazy(target) and tuple(value.shape) != tuple(target.shape):  # a lazy one takes the file's shape
+        return f"has shape {tuple(value.shape)} in the file, {tuple(target.shape)} in the brick"
+    return None
+
+
+def _load_all(bricks: Mapping[str, Brick], states: Mapping[str, Mapping[str, Any]]) -> None:
+    """Loads the checked states.  Should one still fail (a module's own load hook, memory), the bricks loaded
+    before it get their weights back, so that nothing is half-loaded.  That takes a copy of each brick's
+    weights (on the CPU) while it loads; a lazy module's uninitialized weights cannot be put back."""
+    before: list[tuple[Brick, dict[str, torch.Tensor]]] = []
+    for name, state in states.items():
+        brick = bricks[name]
+        before.append((brick, {k: v.detach().to("cpu", copy=True) for k, v in brick.state_dict().items()
+                               if not is_lazy(v)}))
+        try:
+            brick.load_state_dict(state)
+        except Exception as error:
+            for loaded, weights in reversed(before):
+                with contextlib.suppress(Exception):  # the original error is what the user must see
+                    loaded.load_state_dict(weights, strict=False)
+            raise BrickError(f"Cannot load the weights of brick {name!r}: {error_summary(error, 300)}; "
+                             f"nothing was loaded.") from error

@@ -1,0 +1,158 @@
+"""save_bricks and load_bricks from several processes at once: a reader sees the complete old or the complete new
+weights, two writers leave one complete set, and a save killed after its commit point in a folder that cannot be
+written says how to finish it.  Each test pauses a forked writer half-way through moving its files in, so the
+overlap is certain (no timing luck) and each test takes well under a second."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from torchbricks_fx import BrickCollection, BrickError, BrickTrainable
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin",
+                                reason="forks a writer process; the lock is POSIX flock")
+
+BRICKS = 12
+PAUSE_S = 0.4
+
+
+def filled(value: float) -> BrickCollection:
+    bricks = {}
+    for i in range(BRICKS):
+        layer = nn.Linear(2, 2)
+        nn.init.constant_(layer.weight, value)
+        nn.init.constant_(layer.bias, value)
+        bricks[f"b{i}"] = BrickTrainable(layer, [f"x{i}"], [f"y{i}"])
+    return BrickCollection(bricks)
+
+
+def fills(collection: BrickCollection) -> set[float]:
+    return {float(brick.model.weight.detach()[0, 0]) for brick in collection.bricks().values()}
+
+
+def loaded(folder: Path) -> set[float]:
+    probe = filled(-1.0)
+    probe.load_bricks(folder)
+    return fills(probe)
+
+
+def paused_save(collection: BrickCollection, folder: Path, marker: Path) -> int:
+    """Forks a process that saves ``collection``, pausing after it moved half of its files in (``marker``
+    appears then); returns its pid.  The process exits 0 when the save succeeded."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            real, moved = os.replace, []
+
+            def replace(source: object, destination: object) -> None:
+                real(source, destination)  # type: ignore[arg-type]
+                moved.append(destination)
+                if len(moved) == BRICKS // 2:
+                    marker.touch()
+                    time.sleep(PAUSE_S)
+
+            os.replace = replace  # type: ignore[assignment]
+            collection.save_bricks(folder)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_for(marker: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the writer never reached the pause"
+        time.sleep(0.005)
+
+
+def exit_code(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def while_a_save_is_half_moved_in(folder: Path, tmp_path: Path, action: Callable[[], object]) -> object:
+    """Runs ``action`` while a forked save of weights 1.0 over weights 0.0 has moved half of its files in."""
+    filled(0.0).save_bricks(folder)
+    filled(0.0).save_bricks(folder)  # an existing folder: the set is moved in file by file
+    marker = tmp_path / "paused"
+    writer = paused_save(filled(1.0), folder, marker)
+    try:
+        wait_for(marker)
+        result = action()
+    finally:
+        assert exit_code(writer) == 0
+    return result
+
+
+def test_a_load_during_a_save_gets_the_complete_old_or_new_weights(tmp_path):
+    folder = tmp_path / "weights"
+    seen = while_a_save_is_half_moved_in(folder, tmp_path, lambda: loaded(folder))
+    assert seen in ({0.0}, {1.0})  # never a mix (without a lock: {0.0, 1.0})
+    assert loaded(folder) == {1.0}
+
+
+def test_two_saves_at_once_leave_one_complete_set(tmp_path):
+    folder = tmp_path / "weights"
+    other = filled(2.0)
+    while_a_save_is_half_moved_in(folder, tmp_path, lambda: other.save_bricks(folder))
+    assert loaded(folder) in ({1.0}, {2.0})  # never a mix, also after both returned
+    hidden = sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    assert hidden == [".bricks.tbfx.json", ".bricks.tbfx.lock"]  # no staging left
+
+
+class Killed(BaseException):
+    """A kill: nothing after it runs."""
+
+
+def test_a_save_killed_after_its_commit_in_a_read_only_folder_says_how_to_finish_it(tmp_path, monkeypatch):
+    from torchbricks_fx import fileset
+
+    folder = tmp_path / "weights"
+    filled(0.0).save_bricks(folder)
+    filled(0.0).save_bricks(folder)
+
+    def killed(*args: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(fileset, "_complete_set", killed)
+    with contextlib.suppress(Killed):
+        filled(1.0).save_bricks(folder)  # committed, not moved in: the next access finishes it
+    monkeypatch.undo()
+
+    def read_only(source: object, destination: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(source))
+
+    monkeypatch.setattr(os, "replace", read_only)  # what a read-only folder does to the move (even for root)
+    probe = filled(-1.0)
+    with pytest.raises(BrickError, match=rf"(?s)A write to {folder} was interrupted after it was complete.*"
+                                         r"Permission denied.*Make the folder writable once"):
+        probe.load_bricks(folder)
+    assert fills(probe) == {-1.0}  # nothing was loaded
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loaded(folder) == {1.0}  # writable again: the load finishes the save, then reads it
+
+
+def test_a_load_removes_the_staging_of_a_save_killed_before_its_commit(tmp_path):
+    folder = filled(0.0).save_bricks(tmp_path / "weights")
+    pid = os.fork()
+    if pid == 0:
+        os.kill(os.getpid(), 9)  # a dead writer's pid, for the staging it left
+    os.waitpid(pid, 0)
+    left = folder / f".bricks.tbfx-{pid}-0123abcd.tmp"
+    left.mkdir()
+    (left / "b0.pt").write_bytes(b"half")
+    assert loaded(folder) == {0.0}
+    assert not left.exists()
