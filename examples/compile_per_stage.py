@@ -36,7 +36,7 @@ def main() -> None:
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
-        print(f"step {step}: " + ", ".join(f"{name} {float(value):.3f}" for name, value in losses.items()))
+        print(f"step {step}: " + ", ".join(f"{name} {value.item():.3f}" for name, value in losses.items()))
     metrics = collection.summarize(Stage.TRAIN, reset=True)  # the compiled stage updated the metrics
     print("train metrics:", {name: round(float(value), 3) for name, value in metrics.items()})
 

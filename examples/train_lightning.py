@@ -2,7 +2,7 @@
 
     python examples/train_lightning.py                                   # one process
     python examples/train_lightning.py --devices 2 --strategy ddp       # two processes (DDP), CPU or GPU
-    python examples/train_lightning.py --compile                        # stages wrapped in torch.compile
+    python examples/train_lightning.py --compile                        # each stage compiled for what it is
 
 DDP starts one process per device by re-running this script, so everything runs under ``main()``.
 """
@@ -28,7 +28,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--strategy", default="auto", help='"auto", "ddp", "ddp_find_unused_parameters_true", ...')
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps-per-epoch", type=int, default=4)
-    parser.add_argument("--compile", action="store_true", help="wrap each stage module in torch.compile")
+    parser.add_argument("--compile", action="store_true", help="compile each stage for what it is (compile=True)")
     parser.add_argument("--log-dir", default=None, help="CSV logs go here (default: a temporary folder)")
     return parser.parse_args()
 

@@ -46,7 +46,8 @@ def test_a_brick_that_specializes_on_the_batch_is_named(tmp_path, verify):
     collection = BrickCollection({
         "encoder": BrickTrainable(nn.Linear(3, 4), input_names=["x"], output_names=["embedding"]),
         "specific": BrickTrainable(BatchSpecific(), input_names=["embedding"], output_names=["y"])})
-    with pytest.raises(BrickExportError, match=r"brick 'specific' \(BatchSpecific\).*fixed axis 0"):
+    with pytest.raises(BrickExportError, match=r"brick 'specific' \(BatchSpecific\).*fixed axis 0 \('batch'\) of "
+                                               r"input 'embedding'"):
         export_onnx(collection, tmp_path / "m.onnx", {"x": torch.rand(2, 3)}, verify=verify)
     assert not list(tmp_path.iterdir())
     report = export_onnx(collection, tmp_path / "m.onnx", {"x": torch.rand(2, 3)}, dynamic_batch=False)

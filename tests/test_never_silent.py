@@ -322,6 +322,12 @@ def test_tables_state_threads_load_and_measurements_and_warn_on_overload(monkeyp
     collection = BrickCollection({"a": BrickTrainable(nn.Linear(4, 4), ["x"], ["y"])})
     with pytest.warns(UserWarning, match="load .* exceeds its .* cores"):
         results = benchmark(collection, {"x": torch.randn(2, 4)}, backends=["eager"], threads=1, min_run_time=0.01)
+    lines: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # given a progress callback, the warning is its line, not a second copy
+        benchmark(collection, {"x": torch.randn(2, 4)}, backends=["eager"], threads=1, min_run_time=0.01,
+                  progress=lines.append)
+    assert sum("warning: The machine's load (64.0) exceeds" in line for line in lines) == 1
     table = to_markdown(results)
     assert "| n |" in table and f"| {results[0].runs} |" in table and results[0].runs >= 1
     assert "1 thread(s), load 64.0 on" in table and "LOAD ABOVE THE CORES" in table

@@ -222,7 +222,8 @@ def _with_speedups(results: list[BenchmarkResult]) -> list[BenchmarkResult]:
 
 def machine_load(progress: Progress | None = None, warn: bool = False) -> float | None:
     """The 1-minute load average (``None`` where the OS has none); with ``warn``, a warning when it exceeds
-    the cores, because then the timed code shares them and its timings mean little."""
+    the cores, because then the timed code shares them and its timings mean little (a line to ``progress``
+    where given, else a ``UserWarning``: a command line would show both)."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -231,9 +232,10 @@ def machine_load(progress: Progress | None = None, warn: bool = False) -> float 
     if warn and load > cores:
         message = (f"The machine's load ({load:.1f}) exceeds its {cores} cores: other processes compete for them, "
                    f"so timings are unreliable; benchmark on a quiet machine (and with threads=1).")
-        warnings.warn(message, stacklevel=3)
         if progress is not None:
             progress(f"warning: {message}")
+        else:
+            warnings.warn(message, stacklevel=3)
     return load
 
 
@@ -287,7 +289,7 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
         return to_device(resize_batch(named_inputs, bs, order), dev)
 
     with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), kept_rng(dev):
-        machine_load(report, warn=True)
+        machine_load(progress, warn=True)
         references = {bs: _reference_outputs(collection, stage, inputs(bs), plan.outputs, dev) for bs in sizes}
         results: list[BenchmarkResult] = []
         for name in names:

@@ -39,7 +39,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
     parser.add_argument("--profile", action="store_true", help="also time each brick of the stage")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="write an image (.png, .svg, .pdf) of latency per backend "
+    parser.add_argument("--plot", metavar="PATH", help="write an image (.png, .svg, .pdf, .jpg) of latency per backend "
                                                       "and batch size")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
     parser.set_defaults(run=run)

@@ -91,7 +91,7 @@ def deploy(collection: BrickCollection, folder: str | os.PathLike[str], named_in
     name; "drop" follows each metric's ``higher_is_better``).  ``max_metric_drop=None`` decides by tolerance
     alone, so reduced-precision candidates are rejected.
 
-    Accepted candidates are timed like ``benchmark`` (``blocked_autorange`` medians at ``batch_sizes``,
+    Every candidate that ran is timed like ``benchmark`` (``blocked_autorange`` medians at ``batch_sizes``,
     default the example's, with ``threads`` torch and onnxruntime threads, 1 by default for a like-for-like
     comparison); the fastest accepted file (geometric mean over the batch sizes) goes into ``folder`` with
     ``manifest.json``, ``report.md`` and ``latency.png``, written atomically.  An existing folder is
@@ -108,7 +108,7 @@ def deploy(collection: BrickCollection, folder: str | os.PathLike[str], named_in
     work = work_folder()
     try:
         with torch_threads(threads), preserved_state(collection), moved_to(collection, request.device):
-            return _run(collection, request, named_inputs, work, progress or (lambda _: None))
+            return _run(collection, request, named_inputs, work, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -155,19 +155,20 @@ def _request(collection: BrickCollection, folder: str | os.PathLike[str], named_
 
 
 def _run(collection: BrickCollection, request: _Request, named_inputs: Mapping[str, torch.Tensor], work: Path,
-         progress: Callable[[str], None]) -> DeployReport:
+         given_progress: Callable[[str], None] | None) -> DeployReport:
     target, gate, device = request.target, request.gate, request.device
     inputs = to_device(named_inputs, device)
     calibration = [{n: batch[n] for n in target.input_names} for batch in request.batches] or None
     context = BuildContext(collection, target.plan.stage, target.output_names, inputs, device=device,
                            threads=request.threads, work=work, calibration=calibration)
+    progress = given_progress or (lambda _: None)
     progress("eager: running the verification inputs")
     gates = Gates(gate, gate.directions() if gate else {}, request.batches, verification_runs(target, inputs))
     deployment = Deployment(target, context, gates, progress=progress)
     eager = deployment.baseline()
     budgets = None if request.max_metric_drop is None else resolve_budgets(request.max_metric_drop, list(eager.metrics))
     results = [deployment.judge(CANDIDATES[name], budgets) for name in request.candidates]
-    load = machine_load(progress, warn=True)  # timings on a busy machine say little: the report says so
+    load = machine_load(given_progress, warn=True)  # timings on a busy machine say little: the report says so
     eager, results = deployment.time_all(eager, results, batch_inputs(inputs, request.batch_sizes, target.input_names,
                                                                       device), request.threads, request.min_run_time)
     report = DeployReport(folder=request.folder, stage=target.plan.stage, metric_stage=gate.stage if gate else None,

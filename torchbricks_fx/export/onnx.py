@@ -273,7 +273,8 @@ def export_onnx_named_batch(collection: BrickCollection, path: str | os.PathLike
                     accept_tracer_warnings=accept_tracer_warnings)
 
     def try_brick(module: nn.Module, brick_args: tuple[Any, ...], brick_axes: list[dict[int, Any]]) -> None:
-        onnx_export(module, brick_args, None, input_names=None, output_names=None, axes=brick_axes, opset=opset,
+        names = module.tensor_names if isinstance(module, BrickAlone) else None  # messages name the values
+        onnx_export(module, brick_args, None, input_names=names, output_names=None, axes=brick_axes, opset=opset,
                     dynamo=dynamo, external_data=None, extra=extra, accept_tracer_warnings=accept_tracer_warnings)
 
     exporter = Exporter(format="onnx", what="to ONNX", artifact="ONNX file", dynamo=dynamo,
