@@ -332,3 +332,41 @@ def test_tables_state_threads_load_and_measurements_and_warn_on_overload(monkeyp
     assert "| n |" in table and f"| {results[0].runs} |" in table and results[0].runs >= 1
     assert "1 thread(s), load 64.0 on" in table and "LOAD ABOVE THE CORES" in table
     assert math.isclose(results[0].load_average or 0.0, 64.0)
+
+
+# ------------------------------------------------------------------------------------------- argument types
+def _wrong_type_calls(tmp_path: Path) -> list[tuple[object, str]]:
+    from torchbricks_fx import deploy, export_onnx
+    from torchbricks_fx.lockfile import lock
+    from torchbricks_fx.lockfile_format import read_lock, write_lock
+    from torchbricks_fx.reporting import plot, results_from_json, to_json, to_markdown
+    from torchbricks_fx.weights import load_bricks, save_bricks
+
+    collection = BrickCollection({"a": BrickTrainable(nn.Linear(4, 4), ["x"], ["y"])})
+    x = {"x": torch.randn(2, 4)}
+    return [
+        (lambda: save_bricks(collection, None), "save_bricks' folder must be a path (str or os.PathLike), not None"),
+        (lambda: load_bricks(collection, 3), "load_bricks' folder must be a path (str or os.PathLike), not 3"),
+        (lambda: export_onnx(collection, None, x), "The export's path must be a path"),
+        (lambda: deploy(collection, None, x, max_metric_drop=None), "deploy's folder must be a path"),
+        (lambda: deploy(collection, tmp_path / "b", x, max_metric_drop=None, batch_sizes=4),
+         "batch_sizes must be a list of batch sizes"),
+        (lambda: read_lock(None), "read_lock's path must be a path"),
+        (lambda: write_lock(lock(collection, x), 7), "write_lock's path must be a path"),
+        (lambda: write_lock("lock", tmp_path / "l.json"), "write_lock takes a Lock"),
+        (lambda: to_markdown("eager"), "to_markdown takes the list of BenchmarkResults"),
+        (lambda: to_json("eager"), "to_json takes the list of BenchmarkResults"),
+        (lambda: plot("eager", tmp_path / "p.png"), "plot takes the list of BenchmarkResults"),
+        (lambda: results_from_json("{not json"), "Not torchbricks_fx benchmark JSON: "),
+        (lambda: results_from_json('{"schema": "torchbricks_fx.benchmark/1"}'), "malformed results"),
+        (lambda: results_from_json('{"schema": "torchbricks_fx.benchmark/1", "results": [{"backend": "eager"}]}'),
+         "malformed results"),
+    ]
+
+
+def test_arguments_of_the_wrong_type_are_the_librarys_errors_naming_the_argument(tmp_path):
+    for call, message in _wrong_type_calls(tmp_path):
+        with pytest.raises(BrickError) as caught:
+            call()
+        assert message in str(caught.value), (message, str(caught.value))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

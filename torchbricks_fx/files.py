@@ -124,6 +124,13 @@ def _sync(path: str, flags: int) -> None:
         os.close(descriptor)
 
 
+def as_path(value: object, what: str, error: type[BrickError] = BrickError) -> Path:
+    """``value`` as a ``Path``; a value of another type (``None``, a number) is ``error`` naming ``what``."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise error(f"{what} must be a path (str or os.PathLike), not {value!r}.")
+
+
 def check_destination(path: Path, overwrite: bool, error: type[BrickError] = BrickError,
                       is_folder: bool = False) -> None:
     """Refuses, before any work, a destination that cannot be written: an existing one without

@@ -321,14 +321,18 @@ def show_shape(shape: Shape) -> str:
 # --------------------------------------------------------------------------------------------- files
 def write_lock(lock: Lock, path: str | os.PathLike[str]) -> Path:
     """Writes ``lock`` to ``path`` atomically (replacing it: a lock file is meant to be regenerated)."""
-    return files.write_text(path, lock.to_json(), overwrite=True, error=BrickLockError)
+    if not isinstance(lock, Lock):
+        raise BrickLockError(f"write_lock takes a Lock (from lock(collection, named_inputs)), not "
+                             f"{type(lock).__name__}.")
+    return files.write_text(files.as_path(path, "write_lock's path", BrickLockError), lock.to_json(), overwrite=True,
+                            error=BrickLockError)
 
 
 def read_lock(path: str | os.PathLike[str]) -> Lock:
     """Reads a lock file written by :func:`write_lock`; ``BrickLockError`` naming the file when it is missing,
     not JSON, of another schema version or ill-formed."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = files.as_path(path, "read_lock's path", BrickLockError).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BrickLockError(f"No lock file {os.fspath(path)!r}; write one with torchbricks-fx lock FILE -o "
                              f"{os.fspath(path)} (or write_lock(lock(collection, named_inputs), path)).") from None

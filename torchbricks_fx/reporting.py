@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torchbricks_fx.errors import BrickBackendError
-from torchbricks_fx.files import staged_file
+from torchbricks_fx.files import as_path, staged_file
 
 if TYPE_CHECKING:
     from torchbricks_fx.benchmarking import BenchmarkResult, BrickProfile
@@ -85,9 +85,20 @@ def cell(text: str | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------- benchmarks
+def checked_results(results: object, what: str) -> Sequence[BenchmarkResult]:
+    """``results`` if it is a list of ``BenchmarkResult``s (as ``benchmark`` returns), else an error naming
+    ``what`` took it."""
+    from torchbricks_fx.benchmarking import BenchmarkResult
+
+    if isinstance(results, (list, tuple)) and all(isinstance(r, BenchmarkResult) for r in results):
+        return results
+    raise BrickBackendError(f"{what} takes the list of BenchmarkResults benchmark() returns, not {results!r:.80}.")
+
+
 def to_markdown(results: Sequence[BenchmarkResult]) -> str:
     """A Markdown table, one row per backend and batch size (failed backends with their reason), and a line
     with the stage, the threads and the machine's load."""
+    results = checked_results(results, "to_markdown")
     header = ("| backend | device | batch | median ms | IQR ms | n | items/s | vs eager | setup s | warm-up s "
               "| compiles | peak MiB | matches eager |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
@@ -162,7 +173,7 @@ def to_json(results: Sequence[BenchmarkResult], *, indent: int | None = 2) -> st
     result has every ``BenchmarkResult`` field plus ``compile_seconds``; times in seconds, ``null`` where
     not applicable (and ``max_abs_error`` is ``null`` instead of infinity for mismatched shapes)."""
     rows = []
-    for r in results:
+    for r in checked_results(results, "to_json"):
         row = dataclasses.asdict(r)
         row["compile_seconds"] = r.compile_seconds
         if row["max_abs_error"] is not None and not math.isfinite(row["max_abs_error"]):
@@ -175,11 +186,20 @@ def results_from_json(text: str) -> list[BenchmarkResult]:
     """Results back from ``to_json`` text (for re-rendering or plotting)."""
     from torchbricks_fx.benchmarking import BenchmarkResult
 
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as error:
+        raise BrickBackendError(f"Not torchbricks_fx benchmark JSON: {error}.") from None
     if not isinstance(data, dict) or data.get("schema") != JSON_SCHEMA:
         raise BrickBackendError(f"Not torchbricks_fx benchmark JSON (expected schema {JSON_SCHEMA!r}).")
     names = {f.name for f in dataclasses.fields(BenchmarkResult)}
-    return [BenchmarkResult(**{k: v for k, v in row.items() if k in names}) for row in data["results"]]
+    rows = data.get("results")
+    try:
+        if not isinstance(rows, list):
+            raise TypeError(f"'results' is {type(rows).__name__}, not a list")
+        return [BenchmarkResult(**{k: v for k, v in row.items() if k in names}) for row in rows]
+    except (TypeError, AttributeError) as error:  # a row that is not an object, or lacks a field
+        raise BrickBackendError(f"Benchmark JSON with malformed results: {error}.") from None
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
@@ -187,7 +207,7 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
 
 def check_plot_path(path: str | os.PathLike[str]) -> None:
     """Refuses, before any work, a plot destination matplotlib cannot write (unknown image type, a folder)."""
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    suffix = os.path.splitext(as_path(path, "The plot's path", BrickBackendError))[1].lower()
     if suffix not in PLOT_SUFFIXES:
         raise BrickBackendError(f"Cannot plot to {os.fspath(path)!r}: the file type {suffix or '(none)'!r} is not "
                                 f"an image type; use one of {', '.join(PLOT_SUFFIXES)}.")
@@ -198,6 +218,7 @@ def check_plot_path(path: str | os.PathLike[str]) -> None:
 def plot(results: Sequence[BenchmarkResult], path: str | os.PathLike[str]) -> str:
     """Writes an image (PNG, SVG, PDF or JPEG, by the suffix) of median latency per backend over batch sizes
     (needs matplotlib: ``pip install torchbricks_fx[plot]``); returns the path."""
+    results = checked_results(results, "plot")
     check_plot_path(path)
     try:
         import matplotlib

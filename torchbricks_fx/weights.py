@@ -21,7 +21,7 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from torchbricks_fx.errors import BrickError, error_summary
-from torchbricks_fx.files import recover_folder
+from torchbricks_fx.files import as_path, recover_folder
 from torchbricks_fx.fileset import reading_set, staged_set
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def save_bricks(collection: BrickCollection, folder: str | os.PathLike[str]) -> 
     """Saves each brick's weights to ``folder/<brick name>.pt`` (bricks without weights get no file) and
     returns the folder.  In an existing folder, the files of the previous ``save_bricks`` are replaced (or
     removed, for bricks gone since) only once every new file is written; the folder's other files stay."""
-    folder = Path(folder)
+    folder = as_path(folder, "save_bricks' folder")
     recover_folder(folder)  # a backup left by an older version's save killed mid-swap
     with staged_set(folder, _SET) as staging:
         for name, _, brick in collection.named_bricks():
@@ -83,7 +83,7 @@ def load_bricks(collection: BrickCollection, folder: str | os.PathLike[str]) -> 
     keep their weights and are warned about by name; nothing is loaded unless every file reads and fits, and
     a folder with no file for any brick is an error.  A save running meanwhile (another process of this
     machine) is not seen half-way: the files are read while no save commits."""
-    folder = Path(folder)
+    folder = as_path(folder, "load_bricks' folder")
     recover_folder(folder)  # a backup left by an older version's save killed mid-swap
     if not folder.is_dir():
         raise BrickError(f"No brick weights folder at {str(folder)!r}.")

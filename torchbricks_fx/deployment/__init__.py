@@ -29,7 +29,7 @@ from torchbricks_fx.deployment.timing import batch_inputs
 from torchbricks_fx.deployment.writer import write_bundle
 from torchbricks_fx.errors import BrickDeployError, BrickDeployInputError
 from torchbricks_fx.export.target import Target, make_target
-from torchbricks_fx.files import check_destination
+from torchbricks_fx.files import as_path, check_destination
 from torchbricks_fx.placement import moved_to, torch_threads
 from torchbricks_fx.runtime import batch_size_of, check_batch_size, preserved_state
 from torchbricks_fx.stage import Stage, parse_stage
@@ -138,8 +138,10 @@ def _request(collection: BrickCollection, folder: str | os.PathLike[str], named_
     stage = parse_stage(stage)
     dev = parse_device(device)
     names = parse_candidates(candidates)
-    path = Path(folder)
+    path = as_path(folder, "deploy's folder", BrickDeployInputError)
     check_destination(path, overwrite, BrickDeployError, is_folder=True)  # before minutes of work
+    if batch_sizes is not None and (isinstance(batch_sizes, (str, int)) or not isinstance(batch_sizes, Sequence)):
+        raise BrickDeployInputError(f"batch_sizes must be a list of batch sizes (e.g. [1, 32]), not {batch_sizes!r}.")
     target = make_target(collection, stage, outputs)
     sizes = tuple(dict.fromkeys(batch_sizes or [batch_size_of(named_inputs, target.input_names) or 1]))
     _check_numbers(threads, min_run_time, sizes)

@@ -37,7 +37,7 @@ from torchbricks_fx.export.target import (
     second_args,
     trace_args,
 )
-from torchbricks_fx.files import check_destination, staged_file
+from torchbricks_fx.files import as_path, check_destination, staged_file
 from torchbricks_fx.numerics import OutputError
 from torchbricks_fx.runtime import batch_size_of, preserved_state
 from torchbricks_fx.stage import Stage, parse_stage
@@ -126,7 +126,7 @@ def run_export(exporter: Exporter, collection: BrickCollection, path: str | os.P
     """Exports, reads back, verifies and reports.  A TRAIN stage runs its eager references in train mode:
     the model's buffers (BatchNorm statistics) are restored afterwards."""
     stage = parse_stage(stage)
-    path = Path(path)
+    path = as_path(path, "The export's path", BrickExportError)
     check_destination(path, overwrite, BrickExportError)  # before any work; checked again when moved in
     target = make_target(collection, stage, outputs)
     args = example_args(target, named_inputs)
