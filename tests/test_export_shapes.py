@@ -150,3 +150,17 @@ def test_an_all_zero_index_input_stays_a_valid_index(tmp_path):
     report = export_onnx(collection, tmp_path / "m.onnx", {"x": torch.randn(2, 3, 4),
                                                            "token_types": torch.zeros(2, 3, dtype=torch.long)})
     assert report.verified
+
+
+def test_a_bricks_own_file_error_while_tracing_is_not_blamed_on_the_output(tmp_path):
+    class ReadsWhileTraced(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling():
+                with open(tmp_path / "missing" / "vocab.txt"):
+                    pass
+            return x * 2
+
+    collection = BrickCollection({"a": BrickTrainable(ReadsWhileTraced(), input_names=["x"], output_names=["y"])})
+    with pytest.raises(BrickExportError, match=r"brick 'a'.*vocab\.txt") as caught:
+        export_program(collection, tmp_path / "m.pt2", {"x": torch.randn(2, 3)})
+    assert "Cannot write" not in str(caught.value)

@@ -391,3 +391,51 @@ def test_replacing_a_linked_folder_leaves_no_hidden_entry(tmp_path):
         (staging / "new.txt").write_text("new")
     assert listing(tmp_path) == ["bundle", "real"]
     assert listing(tmp_path / "bundle") == ["new.txt"] and listing(tmp_path / "real") == ["old.txt"]
+
+
+def test_a_file_system_that_refuses_fsync_still_gets_its_files_but_a_failing_disk_is_an_error(tmp_path, monkeypatch):
+    import errno
+
+    from torchbricks_fx.files import write_text
+
+    def refused(descriptor):
+        raise OSError(errno.EINVAL, "Invalid argument")  # FUSE, SMB, or Windows on a read-only handle
+
+    monkeypatch.setattr(os, "fsync", refused)
+    assert write_text(tmp_path / "a.txt", "kept").read_text() == "kept"
+
+    def failing(descriptor):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(BrickError, match=r"Cannot write .*b\.txt: Input/output error"):
+        write_text(tmp_path / "b.txt", "lost")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_meta_bricks_load_as_load_state_dict_does(tmp_path):
+    source = BrickCollection({"a": BrickTrainable(nn.Linear(3, 2), ["x"], ["y"])})
+    source.save_bricks(tmp_path)
+    with torch.device("meta"):
+        target = BrickCollection({"a": BrickTrainable(nn.Linear(3, 2), ["x"], ["y"])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: copying into a meta parameter is a no-op
+        target.load_bricks(tmp_path)
+    assert target["a"].model.weight.is_meta
+
+
+def test_a_failed_load_names_the_bricks_it_could_not_put_back(tmp_path):
+    def two_bricks(first: nn.Module) -> BrickCollection:
+        return BrickCollection({"a": BrickTrainable(first, ["x"], ["h"]),
+                                "b": BrickTrainable(nn.Linear(2, 2), ["h"], ["y"])})
+
+    two_bricks(nn.Linear(3, 2)).save_bricks(tmp_path)
+    target = two_bricks(nn.LazyLinear(2))  # no weights to put back
+
+    def refuse(module, incompatible_keys):
+        raise RuntimeError("load hook refuses")
+
+    target["b"].register_load_state_dict_post_hook(refuse)
+    with pytest.raises(BrickError, match=r"brick 'b'.*load hook refuses; the other bricks were put back, but "
+                                         r"\['a'\] keep the new weights"):
+        target.load_bricks(tmp_path)

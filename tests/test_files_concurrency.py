@@ -156,3 +156,28 @@ def test_a_load_removes_the_staging_of_a_save_killed_before_its_commit(tmp_path)
     (left / "b0.pt").write_bytes(b"half")
     assert loaded(folder) == {0.0}
     assert not left.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_the_lock_is_held_does_not_keep_it(tmp_path):
+    import fcntl
+
+    from torchbricks_fx.fileset import reading_set
+
+    filled(0.0).save_bricks(tmp_path)
+    started, signal = os.pipe()
+    with reading_set(tmp_path, "bricks"):
+        child = os.fork()  # a DataLoader worker forked meanwhile
+        if child == 0:
+            os.write(signal, b"1")  # the fork hooks have run by now
+            time.sleep(3)
+            os._exit(0)
+    os.read(started, 1)
+    descriptor = os.open(tmp_path / ".bricks.tbfx.lock", os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a save could take it now
+    finally:
+        os.close(descriptor)
+        os.waitpid(child, 0)
+        os.close(started)
+        os.close(signal)

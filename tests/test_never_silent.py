@@ -370,3 +370,12 @@ def test_arguments_of_the_wrong_type_are_the_librarys_errors_naming_the_argument
             call()
         assert message in str(caught.value), (message, str(caught.value))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_rendering_takes_any_iterable_of_results():
+    from torchbricks_fx import benchmark
+    from torchbricks_fx.reporting import results_from_json, to_json
+
+    collection = BrickCollection({"a": BrickTrainable(nn.Linear(4, 4), ["x"], ["y"])})
+    results = benchmark(collection, {"x": torch.randn(2, 4)}, backends=["eager", "fx"], threads=1, min_run_time=0.01)
+    assert results_from_json(to_json(r for r in results if r.backend == "fx")) == results[1:]

@@ -328,8 +328,9 @@ class BrickMetrics(Brick):
 
         metric_collection: Any = next(iter(self.metrics.values()), None)  # each stage's clone has the same names
         # A wrapper (ClasswiseWrapper) computes a dict whose keys replace its name: known only once computed.
-        return () if metric_collection is None else tuple(
-            name for name in metric_collection if not isinstance(metric_collection[name], WrapperMetric))
+        return () if metric_collection is None else tuple(  # copy_state=False: no copy of compute groups' states
+            name for name, metric in metric_collection.items(keep_base=False, copy_state=False)
+            if not isinstance(metric, WrapperMetric))
 
     def summarize(self, stage: Stage, reset: bool = False) -> dict[str, Any]:
         if stage.name not in self.metrics:

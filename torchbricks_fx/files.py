@@ -106,7 +106,7 @@ def sync_tree(path: Path) -> None:
     file (10.0 ms instead of 9.1 ms, ext4 on a virtual disk); a physical disk takes as long as writing it."""
     for folder, _, files in os.walk(path):
         for name in files:
-            _sync(os.path.join(folder, name), os.O_RDONLY)
+            _sync_file(os.path.join(folder, name))
         sync_folder(Path(folder))
 
 
@@ -114,6 +114,19 @@ def sync_folder(folder: Path) -> None:
     """Flushes a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
     with contextlib.suppress(OSError):  # Windows cannot open a folder; some file systems refuse fsync on one
         _sync(os.fspath(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+# fsync refused, not failed: a file system without it (FUSE, SMB: EINVAL, ENOTSUP), a file we may not open
+# for writing (Windows fsyncs only such handles).  A real write error (EIO, ENOSPC) still raises.
+_CANNOT_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _sync_file(path: str) -> None:
+    try:
+        _sync(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    except OSError as error:
+        if error.errno not in _CANNOT_SYNC:
+            raise
 
 
 def _sync(path: str, flags: int) -> None:

@@ -113,11 +113,30 @@ def _locked(folder: Path, name: str, exclusive: bool) -> Iterator[bool]:
     Closing the file releases the lock, also when the process is killed."""
     descriptor = _open_lock(folder / f".{name}.{_TAG}.lock")
     locked = descriptor is not None and _flock(descriptor, exclusive)
+    if descriptor is not None:
+        _HELD.add(descriptor)
     try:
         yield locked
     finally:
         if descriptor is not None:
+            _HELD.discard(descriptor)
             os.close(descriptor)
+
+
+# A flock belongs to the open file, which a fork shares: a child forked meanwhile (a DataLoader worker)
+# would hold the lock until it exits.  The child closes its copies; the parent keeps the lock.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for descriptor in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def _open_lock(path: Path) -> int | None:

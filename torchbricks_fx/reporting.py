@@ -10,7 +10,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torchbricks_fx.errors import BrickBackendError
@@ -90,8 +90,10 @@ def checked_results(results: object, what: str) -> Sequence[BenchmarkResult]:
     ``what`` took it."""
     from torchbricks_fx.benchmarking import BenchmarkResult
 
-    if isinstance(results, (list, tuple)) and all(isinstance(r, BenchmarkResult) for r in results):
-        return results
+    if isinstance(results, Iterable) and not isinstance(results, (str, bytes, Mapping)):
+        results = list(results)  # a generator of results (a filtered list) is fine too
+        if all(isinstance(r, BenchmarkResult) for r in results):
+            return results
     raise BrickBackendError(f"{what} takes the list of BenchmarkResults benchmark() returns, not {results!r:.80}.")
 
 

@@ -8,7 +8,6 @@ them while no save commits (``fileset.reading_set``): it sees the complete old w
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import urllib.parse
@@ -157,16 +156,31 @@ def _load_all(bricks: Mapping[str, Brick], states: Mapping[str, Mapping[str, Any
     """Loads the checked states.  Should one still fail (a module's own load hook, memory), the bricks loaded
     before it get their weights back, so that nothing is half-loaded.  That takes a copy of each brick's
     weights (on the CPU) while it loads; a lazy module's uninitialized weights cannot be put back."""
-    before: list[tuple[Brick, dict[str, torch.Tensor]]] = []
+    before: list[tuple[str, Brick, dict[str, torch.Tensor], bool]] = []
     for name, state in states.items():
         brick = bricks[name]
-        before.append((brick, {k: v.detach().to("cpu", copy=True) for k, v in brick.state_dict().items()
-                               if not is_lazy(v)}))
+        current = brick.state_dict()
+        kept = {k: v.detach().to("cpu", copy=True) for k, v in current.items() if not (is_lazy(v) or v.is_meta)}
+        before.append((name, brick, kept, len(kept) == len(current)))
         try:
             brick.load_state_dict(state)
         except Exception as error:
-            for loaded, weights in reversed(before):
-                with contextlib.suppress(Exception):  # the original error is what the user must see
-                    loaded.load_state_dict(weights, strict=False)
             raise BrickError(f"Cannot load the weights of brick {name!r}: {error_summary(error, 300)}; "
-                             f"nothing was loaded.") from error
+                             f"{_put_back(before)}") from error
+
+
+def _put_back(loaded: list[tuple[str, Brick, dict[str, torch.Tensor], bool]]) -> str:
+    """Gives the bricks loaded so far their weights back; says whether that left nothing loaded."""
+    kept_new = [name for name, _, _, whole in loaded if not whole]  # lazy or meta weights have no copy
+    for name, brick, weights, _ in reversed(loaded):
+        targets = brick.state_dict(keep_vars=True)
+        try:
+            with torch.no_grad():  # copied in directly: the brick's load hooks may be what failed
+                for key, value in weights.items():
+                    targets[key].copy_(value)
+        except Exception:  # the original error is what the user must see; name the brick left loaded
+            kept_new.append(name)
+    if not kept_new:
+        return "nothing was loaded."
+    return f"the other bricks were put back, but {sorted(set(kept_new))} keep the new weights (lazy or meta " \
+           f"weights have no copy to put back)."

@@ -109,6 +109,12 @@ def _hint(exporter: Exporter, error: Exception) -> str:
     return SPECIALIZED_HINT if isinstance(error, SpecializedAxes) else exporter.hint
 
 
+def _writing_failed(error: OSError, staged: Path) -> bool:
+    """Whether ``error`` is the OS failing to write the staged artifact (it names the hidden staged file, or
+    nothing), not a brick's own file (a vocabulary read while tracing), which is the brick's error."""
+    return error.filename is None or Path(error.filename).parent == staged.parent
+
+
 def _batch_size(target: Target, args: Sequence[torch.Tensor]) -> int:
     size = batch_size_of(dict(zip(target.input_names, args, strict=True)), target.input_names)
     return 1 if size is None else size  # inputs without a batch axis: one sample
@@ -144,9 +150,9 @@ def run_export(exporter: Exporter, collection: BrickCollection, path: str | os.P
                     exporter.write(target, traced, axes, staged)
             except BrickExportError:
                 raise  # our own checks are not the bricks'
-            except OSError as error:  # a full disk: not the bricks' either; the OS names the hidden staged file
-                raise BrickExportError(f"Cannot write {path}: {error.strerror or error_summary(error)}") from error
             except Exception as error:
+                if isinstance(error, OSError) and _writing_failed(error, staged):  # a full disk: not the bricks'
+                    raise BrickExportError(f"Cannot write {path}: {error.strerror or error_summary(error)}") from error
                 raise localized_failure(exporter.what, exporter.try_brick, _hint(exporter, error),
                                         exporter.config_hint, target, traced, axes, values, error) from error
             export_seconds = time.perf_counter() - start
