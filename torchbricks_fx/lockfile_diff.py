@@ -124,14 +124,17 @@ def _diff_problems(stage: str, before: StageLock, after: StageLock) -> list[Lock
 
 
 def _diff_recorded(stage: str, before: StageLock, after: StageLock) -> list[LockChange]:
-    if before.values_not_recorded == after.values_not_recorded:
+    return _diff_reason(LockChange(stage, "stage", stage, None, "values_not_recorded", before.values_not_recorded,
+                                   after.values_not_recorded, ""),
+                        "the stage runs on the example inputs again", "the stage no longer runs on the example inputs")
+
+
+def _diff_reason(change: LockChange, works_again: str, fails: str) -> list[LockChange]:
+    """A change of a reason something is not recorded (``None``: it is), worded either way."""
+    if change.before == change.after:
         return []
-    if after.values_not_recorded is None:
-        message = f"the stage runs on the example inputs again (before: {before.values_not_recorded})"
-    else:
-        message = f"the stage no longer runs on the example inputs: {after.values_not_recorded}"
-    return [LockChange(stage, "stage", stage, None, "values_not_recorded", before.values_not_recorded,
-                       after.values_not_recorded, message)]
+    message = f"{works_again} (before: {change.before})" if change.after is None else f"{fails}: {change.after}"
+    return [dataclasses.replace(change, message=message)]
 
 
 def _diff_inputs(stage: str, before: StageLock, after: StageLock, bricks: Mapping[str, BrickLock]) -> list[LockChange]:
@@ -356,14 +359,9 @@ def _diff_onnx(before: OnnxLock | None, after: OnnxLock | None) -> list[LockChan
 
 
 def _diff_not_exported(before: OnnxLock, after: OnnxLock) -> list[LockChange]:
-    if before.not_exported == after.not_exported:
-        return []
-    if after.not_exported is None:
-        message = f"the ONNX export works again (before: {before.not_exported})"
-    else:
-        message = f"no ONNX operator histogram: {after.not_exported}"
-    return [LockChange(EXPORT, "onnx", "export", None, "not_exported", before.not_exported, after.not_exported,
-                       message)]
+    return _diff_reason(LockChange(EXPORT, "onnx", "export", None, "not_exported", before.not_exported,
+                                   after.not_exported, ""),
+                        "the ONNX export works again", "no ONNX operator histogram")
 
 
 # --------------------------------------------------------------------------------------------- helpers
