@@ -566,6 +566,22 @@ def test_values_inside_dicts_and_lists_are_locked_and_their_changes_reported():
     assert "value 'out'['pair'][0] (from brick 'scores'): shape [batch, 3] -> [batch, 5]" in wider
 
 
+class KeyedByNumberAndText(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[Any, torch.Tensor]:
+        return {1: x, "1": x.sum(1), 2: x}
+
+
+def test_dict_keys_whose_text_is_the_same_are_kept_apart_in_the_lock():
+    collection = BrickCollection({"keyed": BrickTrainable(KeyedByNumberAndText(), input_names=["x"],
+                                                          output_names=["out"])})
+    recorded = lock(collection, {"x": torch.randn(4, 2)})
+    items = recorded.stages["inference"].values["out"].items
+    assert isinstance(items, Mapping)
+    assert {key: item.describe() for key, item in items.items()} == {
+        "1": "[batch] float32", "1 (int)": "[batch, 2] float32", "2": "[batch, 2] float32"}
+    assert read_lock_roundtrip(recorded) == recorded
+
+
 def test_which_outputs_count_as_losses_is_locked():
     def with_auxiliary_loss(counted: str) -> BrickCollection:
         collection, _ = build()

@@ -172,15 +172,24 @@ def _values(bound: BoundStage, named_inputs: Mapping[str, Any]) -> tuple[Mapping
 
 
 def _value_lock(value: Any, batch: int | None) -> ValueLock:
-    if isinstance(value, Mapping):  # keys as text: a lock file's keys are strings
+    if isinstance(value, Mapping):
         return ValueLock(type(value).__qualname__, items=FrozenMap(
-            {key: _value_lock(item, batch) for key, item in sorted((str(k), v) for k, v in value.items())}))
+            {key: _value_lock(item, batch) for key, item in sorted(_text_keyed(value), key=lambda kv: kv[0])}))
     if isinstance(value, (list, tuple)):
         return ValueLock(type(value).__qualname__, items=tuple(_value_lock(item, batch) for item in value))
     if not isinstance(value, torch.Tensor):
         return ValueLock(type(value).__qualname__)
     shape = tuple(BATCH if axis == 0 and size == batch else int(size) for axis, size in enumerate(value.shape))
     return ValueLock("Tensor", shape, _dtype(value.dtype))
+
+
+def _text_keyed(mapping: Mapping[Any, Any]) -> list[tuple[str, Any]]:
+    """A dict's items keyed by text (a lock file's keys are strings): ``str(key)``, with the type added to a
+    key that is not a string when its text is also another key's (``1`` and ``"1"``)."""
+    texts = [str(key) for key in mapping]
+    shared = {text for text in texts if texts.count(text) > 1}
+    return [(text if text not in shared or isinstance(key, str) else f"{text} ({type(key).__name__})", value)
+            for text, (key, value) in zip(texts, mapping.items(), strict=True)]
 
 
 def _graph_sha256(plan: StagePlan, bricks: Mapping[str, BrickLock]) -> str:
