@@ -181,3 +181,59 @@ def test_a_child_forked_while_the_lock_is_held_does_not_keep_it(tmp_path):
         os.waitpid(child, 0)
         os.close(started)
         os.close(signal)
+
+
+def is_locked(folder: Path) -> bool:
+    import fcntl
+
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
+
+
+def test_a_staging_folder_being_written_in_another_pid_namespace_is_left_alone(tmp_path):
+    """A container sharing the volume: its writer's pid does not run here, but its lock on the staging
+    folder is held, so the next access leaves the folder alone (and removes it once the writer is gone)."""
+    import fcntl
+
+    folder = filled(0.0).save_bricks(tmp_path / "weights")
+    other = folder / ".bricks.tbfx-99999999-0123abcd.tmp"  # no such pid here
+    other.mkdir()
+    (other / "b0.pt").write_bytes(b"being written")
+    ready, signal = os.pipe()
+    done, finish = os.pipe()
+    writer = os.fork()
+    if writer == 0:
+        descriptor = os.open(other, os.O_RDONLY)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.write(signal, b"1")
+        os.read(done, 1)
+        os._exit(0)
+    try:
+        os.read(ready, 1)
+        assert loaded(folder) == {0.0}
+        assert (other / "b0.pt").read_bytes() == b"being written"
+    finally:
+        os.write(finish, b"1")
+        assert exit_code(writer) == 0
+        for end in (ready, signal, done, finish):
+            os.close(end)
+    assert loaded(folder) == {0.0}
+    assert not other.exists()
+
+
+def test_a_writer_holds_the_lock_of_its_staging_folder_until_it_is_done(tmp_path):
+    from torchbricks_fx.files import staged_file
+
+    with staged_file(tmp_path / "report.md", overwrite=False) as staged:
+        staged.write_text("x")
+        staging = staged.parent
+        assert is_locked(staging)
+    assert not staging.exists()
+    assert (tmp_path / "report.md").read_text() == "x"
+    assert not list(tmp_path.glob(".*"))  # nothing of the staging is left

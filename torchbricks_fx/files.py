@@ -14,8 +14,8 @@ when complete, so a failure or a kill never leaves a half-written artifact under
 (``fsync``) and so is the folder after the move, so a power loss cannot leave a renamed but empty file.
 
 Staging folders are created like ``os.makedirs`` would (mode ``0o777`` less the umask), so a folder swapped
-in whole is as readable as any other.  They are named ``.<name>.tbfx-<pid>-<random>.<kind>``; the next write
-to the same place removes those whose process is gone (a killed export or save).
+in whole is as readable as any other.  The next write to the same place removes those whose writer is gone
+(a killed export or save; see :mod:`torchbricks_fx.staging`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import glob
 import os
 import shutil
 import sys
@@ -32,20 +31,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from torchbricks_fx.errors import BrickError, error_summary
+from torchbricks_fx.staging import (
+    alive,
+    make_staging,
+    owner_pid,
+    release_staging,
+    remove,
+    remove_stale_staging,
+    staging_glob,
+    staging_prefix,
+)
 
 __all__ = ["recover_folder", "staged_file", "staged_folder", "write_text"]
-
-_TAG = "tbfx"
-
-
-def staging_prefix(name: str) -> str:
-    return f".{name}.{_TAG}-{os.getpid()}-"
-
-
-def staging_glob(name: str, kind: str) -> str:
-    """The glob pattern of every process's staging of ``name`` (escaped: names such as ``model[1].onnx``)."""
-    return f"{glob.escape(f'.{name}.{_TAG}-')}*.{kind}"
-
 
 @contextlib.contextmanager
 def named(path: Path, error: type[BrickError]) -> Iterator[None]:
@@ -55,49 +52,6 @@ def named(path: Path, error: type[BrickError]) -> Iterator[None]:
         yield
     except OSError as cause:
         raise error(f"Cannot write {path}: {cause.strerror or error_summary(cause)}") from cause
-
-
-def make_staging(path: Path, kind: str) -> Path:
-    # Not tempfile.mkdtemp: its 0o700 would stay on a folder swapped in whole (bundles, new weights folders).
-    while True:
-        staging = path.parent / f"{staging_prefix(path.name)}{os.urandom(4).hex()}.{kind}"
-        try:
-            staging.mkdir(mode=0o777)  # less the umask
-        except FileExistsError:
-            continue
-        return staging
-
-
-def owner_pid(staging: Path, name: str) -> int | None:
-    rest = staging.name[len(f".{name}.{_TAG}-"):]
-    pid = rest.split("-", 1)[0]
-    return int(pid) if pid.isdigit() else None
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def remove_stale_staging(path: Path) -> None:
-    """Removes staging folders of ``path`` left by processes that no longer run (killed mid-write)."""
-    for staging in path.parent.glob(staging_glob(path.name, "tmp")):
-        pid = owner_pid(staging, path.name)
-        if pid is not None and pid != os.getpid() and not alive(pid):
-            remove(staging)
-
-
-def remove(path: Path) -> None:
-    """Removes a folder tree, or a link in its place (``rmtree`` refuses links: one would stay forever)."""
-    if path.is_symlink():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def sync_tree(path: Path) -> None:
@@ -182,6 +136,7 @@ def staged_file(path: str | os.PathLike[str], overwrite: bool, error: type[Brick
         committed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)
         if not committed:
             for folder in reversed(created):
                 with contextlib.suppress(OSError):
@@ -289,6 +244,7 @@ def staged_folder(folder: str | os.PathLike[str], overwrite: bool,
             raise error(f"{folder} already exists; pass overwrite=True to replace it.")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)
         for parent in reversed(created[:0] if done else created):  # a failure leaves no folders it made
             with contextlib.suppress(OSError):
                 parent.rmdir()
@@ -306,7 +262,7 @@ def replace_folder(staging: Path, folder: Path, overwrite: bool = True) -> bool:
     if _exchange(staging, folder):
         remove(staging)  # now holds the old folder (or the link that stood for it)
         return True
-    backup = folder.parent / f".{folder.name}.{_TAG}-{os.getpid()}-{os.urandom(4).hex()}.old"
+    backup = folder.parent / f"{staging_prefix(folder.name)}{os.urandom(4).hex()}.old"
     os.rename(folder, backup)
     try:
         os.rename(staging, folder)

@@ -19,20 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from torchbricks_fx.errors import BrickError
-from torchbricks_fx.files import (
+from torchbricks_fx.files import check_destination, make_parents, named, rename_new_folder, sync_folder, sync_tree
+from torchbricks_fx.staging import (
     alive,
-    check_destination,
-    make_parents,
+    close_held,
+    hold,
     make_staging,
-    named,
     owner_pid,
+    release_staging,
     remove,
     remove_stale_staging,
-    rename_new_folder,
     staging_glob,
     staging_prefix,
-    sync_folder,
-    sync_tree,
 )
 
 try:
@@ -78,6 +76,8 @@ def staged_set(folder: str | os.PathLike[str], name: str, error: type[BrickError
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
+    finally:
+        release_staging(staging)
 
 
 def _commit(folder: Path, name: str, staging: Path, error: type[BrickError]) -> None:
@@ -114,29 +114,12 @@ def _locked(folder: Path, name: str, exclusive: bool) -> Iterator[bool]:
     descriptor = _open_lock(folder / f".{name}.{_TAG}.lock")
     locked = descriptor is not None and _flock(descriptor, exclusive)
     if descriptor is not None:
-        _HELD.add(descriptor)
+        hold(descriptor)  # a flock belongs to the open file, which a fork shares: a forked child closes its copy
     try:
         yield locked
     finally:
         if descriptor is not None:
-            _HELD.discard(descriptor)
-            os.close(descriptor)
-
-
-# A flock belongs to the open file, which a fork shares: a child forked meanwhile (a DataLoader worker)
-# would hold the lock until it exits.  The child closes its copies; the parent keeps the lock.
-_HELD: set[int] = set()
-
-
-def _close_held_in_child() -> None:
-    for descriptor in list(_HELD):
-        with contextlib.suppress(OSError):
-            os.close(descriptor)
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_held_in_child)
+            close_held(descriptor)
 
 
 def _open_lock(path: Path) -> int | None:
