@@ -149,6 +149,34 @@ def test_backbone_resnet_width_comes_from_layer4_not_fc(name: str, n_features: i
     assert brick.model.eval()(images()).shape[1] == n_features
 
 
+def _group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(8, channels)
+
+
+@pytest.mark.parametrize(("make", "n_features"), [
+    (lambda: torchvision.models.resnet50(norm_layer=torchvision.ops.misc.FrozenBatchNorm2d), 2048),
+    (lambda: nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18()), 512),
+    (lambda: torchvision.models.resnet18(norm_layer=_group_norm), 512),
+], ids=["frozen_bn", "sync_bn", "group_norm"])
+def test_resnet_to_brick_accepts_resnets_with_other_norm_layers(make: object, n_features: int) -> None:
+    """torchbricks wraps any torchvision ResNet whatever its norm layer (FrozenBatchNorm2d for detection
+    backbones, SyncBatchNorm after convert_sync_batchnorm, GroupNorm)."""
+    assert callable(make)
+    brick = resnet_to_brick(make(), input_name="normalized", output_name="features")
+    assert brick.model.n_backbone_features == n_features == brick.model.eval()(images()).shape[1]
+
+
+def test_resnet_width_is_layer4s_output_even_with_one_block_per_layer_or_a_custom_last_block() -> None:
+    one_block = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    brick = resnet_to_brick(one_block, input_name="normalized", output_name="features")
+    assert brick.model.n_backbone_features == 512 == brick.model.eval()(images()).shape[1]
+    custom = torchvision.models.resnet18()
+    custom.layer4[-1] = nn.Sequential(nn.Conv2d(512, 96, 1), nn.ReLU())  # neither conv2 nor conv3: measured
+    brick = resnet_to_brick(custom, input_name="normalized", output_name="features")
+    assert brick.model.training  # measuring did not leave it in eval mode
+    assert brick.model.n_backbone_features == 96 == brick.model.eval()(images()).shape[1]
+
+
 def test_resnet_to_brick_shares_the_resnet_weights() -> None:
     resnet = torchvision.models.resnet18(weights=None)
     brick = resnet_to_brick(resnet, input_name="normalized", output_name="features")

@@ -34,7 +34,8 @@ class BackboneResnet(Backbone):
     """A torchvision ResNet without its pooling and classifier: images -> layer4 feature maps.
 
     ``n_backbone_features`` is the number of channels of those maps (512 for resnet18/34, 2048 for
-    resnet50 and deeper), read from layer4 (``resnet.fc`` may have been replaced, e.g. by ``nn.Identity()``).
+    resnet50 and deeper), read from layer4's last convolution (``resnet.fc`` may have been replaced, e.g. by
+    ``nn.Identity()``; the norm layers may be any: BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm, GroupNorm).
     The ResNet's own layers are reused (shared), so its weights stay loadable.  The state-dict keys are
     ``conv1.weight``, ``layer4.1.bn2.weight``, ... (no ``resnet.`` prefix, no ``fc``): torchbricks'
     checkpoints need their keys mapped.
@@ -58,15 +59,17 @@ class BackboneResnet(Backbone):
 
 
 def _resnet_width(resnet: ResNet) -> int:
-    """Channels of layer4's output: the last norm of its last block (bn3 in Bottleneck, bn2 in BasicBlock)."""
+    """Channels of layer4's output: the last convolution of its last block (conv3 in Bottleneck, conv2 in
+    BasicBlock).  Read from the convolution, not the norm after it: ResNets built with another norm layer
+    (FrozenBatchNorm2d, SyncBatchNorm, GroupNorm) have the same widths.  A block of another shape is measured
+    with one small forward pass."""
     last_block = resnet.layer4[-1]
-    norm = getattr(last_block, "bn3", None)
-    if norm is None:
-        norm = getattr(last_block, "bn2", None)
-    if not isinstance(norm, nn.BatchNorm2d):
-        raise BrickError(f"BackboneResnet: layer4's last block {type(last_block).__name__} has neither bn3 nor bn2 "
-                         f"as a BatchNorm2d; cannot tell the feature width.")
-    return norm.num_features
+    for name in ("conv3", "conv2"):
+        conv = getattr(last_block, name, None)
+        if isinstance(conv, nn.Conv2d):
+            return conv.out_channels
+    return _count_channels(nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1,
+                                         resnet.layer2, resnet.layer3, resnet.layer4))
 
 
 def resnet_to_brick(resnet: ResNet, input_name: str, output_name: str) -> BrickTrainable:
