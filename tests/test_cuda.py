@@ -31,7 +31,8 @@ def test_stage_module_equals_eager_on_cuda(on_cuda, stage):
     for name, value in actual.items():
         assert value.is_cuda
         torch.testing.assert_close(value, expected[name])
-    assert collection.summarize(stage, reset=True).keys() == collection.summarize(stage).keys()
+    for name, value in collection.summarize(stage, reset=True).items():
+        assert torch.isfinite(torch.as_tensor(value)).all(), name  # metric states updated on the GPU
 
 
 def test_torch_compile_on_cuda_equals_eager(on_cuda):
@@ -50,3 +51,26 @@ def test_train_stage_backward_on_cuda(on_cuda):
     sum(collection.extract_losses(out).values()).backward()
     assert collection["backbone"].model.conv.weight.grad is not None
     assert collection["backbone"].model.conv.weight.grad.is_cuda
+
+
+def test_deploy_on_cuda_judges_candidates_with_per_class_metric_states(tmp_path):
+    """deploy moves the collection to the GPU, metric bricks with it; candidates are judged on the CPU with
+    fresh copies of those bricks (macro accuracy keeps one state per class: a GPU state would not mix)."""
+    from torch import nn
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from torchbricks_fx import BrickLoss, BrickMetricSingle, BrickTrainable, deploy
+
+    torch.manual_seed(0)
+    collection = BrickCollection({
+        "head": BrickTrainable(nn.Linear(4, 3), ["x"], ["logits"]),
+        "loss": BrickLoss(nn.CrossEntropyLoss(), ["logits", "targets"], ["loss_ce"]),
+        "accuracy": BrickMetricSingle(MulticlassAccuracy(num_classes=3), ["logits", "targets"]),
+    })
+    batches = [{"x": torch.randn(8, 4), "targets": torch.randint(0, 3, (8,))} for _ in range(3)]
+    report = deploy(collection, tmp_path / "bundle", {"x": torch.randn(2, 4)}, validation=batches, device="cuda",
+                    candidates=["onnxruntime", "pt2"], batch_sizes=[1], min_run_time=0.01)
+    chosen = report.chosen_result
+    assert chosen is not None and chosen.accepted
+    drops = chosen.metric_drops
+    assert drops and all(abs(drop) < 1e-6 for drop in drops.values())  # the same predictions as eager

@@ -344,6 +344,16 @@ def test_cuda_inputs_verify_with_the_cuda_provider_when_available(tmp_path):
     assert report.verified
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="onnxruntime has CUDA here")
+def test_without_onnxruntimes_cuda_provider_cuda_inputs_verify_on_its_cpu_provider(tmp_path):
+    """A GPU machine with the CPU onnxruntime package: verification of CUDA inputs falls back to the CPU
+    provider (as the README says) instead of failing.  Needs no GPU: only the device's name reaches it."""
+    from torchbricks_fx.ort import ort_session
+
+    path = export_onnx(tiny(nn.Identity()), tmp_path / "m.onnx", {"in put": torch.rand(2, 4)}).path
+    assert ort_session(path, "cuda:0").get_providers() == ["CPUExecutionProvider"]
+
+
 def test_batch_of_one_still_gives_a_dynamic_batch(tmp_path):
     # torch.export specializes a size-1 axis; the example is doubled for tracing and verified as given.
     torch.manual_seed(0)

@@ -43,7 +43,8 @@ def require_cuda_provider(device: torch.device) -> None:
 
 def ort_session(path: str | os.PathLike[str], device: torch.device | str = "cpu", *, threads: int | None = None,
                 optimized_path: str | os.PathLike[str] | None = None) -> Any:
-    """An ``InferenceSession`` for ``path`` on ``device`` with every graph optimization on and ``threads``
+    """An ``InferenceSession`` for ``path`` on ``device`` (see :func:`ort_providers`: a CPU session when this
+    onnxruntime has no CUDA provider) with every graph optimization on and ``threads``
     intra-op threads (default: torch's).  ``optimized_path`` also saves the optimized model there, optimized
     up to ``ORT_ENABLE_EXTENDED`` (onnxruntime's advice for saved models: the layout optimizations of
     ``ORT_ENABLE_ALL`` are specific to the machine that made them; a session on the saved file applies them
@@ -63,9 +64,11 @@ def ort_session(path: str | os.PathLike[str], device: torch.device | str = "cpu"
                                          f"{os.path.basename(optimized_path)}.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                          str(1 << 20))
-    session = ort.InferenceSession(os.fspath(path), options, providers=ort_providers(device))
-    if device.type == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-        # ORT falls back to CPU silently when the CUDA libraries cannot be loaded.
+    providers = ort_providers(device)
+    session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+    if len(providers) > 1 and session.get_providers()[0] != "CUDAExecutionProvider":
+        # ORT falls back to CPU silently when the CUDA libraries cannot be loaded.  (Without the provider at
+        # all, the session is a CPU one by design: see ort_providers and require_cuda_provider.)
         raise BrickBackendError(f"onnxruntime could not start its CUDAExecutionProvider (session providers: "
                                 f"{session.get_providers()}); check the CUDA/cuDNN libraries onnxruntime-gpu needs.")
     return session

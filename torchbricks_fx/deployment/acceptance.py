@@ -58,11 +58,12 @@ def metric_stage_of(collection: BrickCollection, requested: Stage | None) -> Sta
 
 
 def _fresh(brick: Brick) -> Brick:
-    """A copy of a metric brick with every torchmetrics state reset: the user's accumulated metrics stay
-    untouched, and each candidate starts from zero."""
+    """A copy of a metric brick on the CPU with every torchmetrics state reset: the user's accumulated
+    metrics stay untouched, and each candidate starts from zero.  On the CPU because metrics are computed
+    there for every candidate (their outputs are brought there), wherever the collection was moved."""
     from torchmetrics import Metric
 
-    fresh = copy.deepcopy(brick)
+    fresh = copy.deepcopy(brick).cpu()
     for module in fresh.modules():
         if isinstance(module, Metric):
             module.reset()
@@ -172,7 +173,8 @@ class MetricGate:
         steps = [dataclasses.replace(b.step, fn=fresh[b.name].stage_callable(self.stage)) for b in self._metric_bricks]
         for batch in batches:
             outputs = run({name: batch[name] for name in self.inputs})
-            values = {**batch, **{n: v.cpu() for n, v in outputs.items()}, STAGE_INPUT: self.stage}
+            values = {**{n: _on_cpu(v) for n, v in batch.items()}, **{n: v.cpu() for n, v in outputs.items()},
+                      STAGE_INPUT: self.stage}
             run_steps(steps, values)  # names the metric brick that raises
         skipped: list[str] = []
         summary: dict[str, float] = {}
@@ -180,6 +182,10 @@ class MetricGate:
             for name, value in fresh[brick.name].summarize(self.stage).items():
                 summary.update(_scalars(f"{brick.prefix}{name}", value, skipped))
         return summary, skipped
+
+
+def _on_cpu(value: Any) -> Any:
+    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 def _base(name: str) -> str:

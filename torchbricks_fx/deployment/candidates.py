@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchbricks_fx.errors import BrickDeployError
-from torchbricks_fx.ort import ort_session
+from torchbricks_fx.errors import BrickBackendError, BrickDeployError
+from torchbricks_fx.ort import ort_session, require_cuda_provider
 from torchbricks_fx.runners import BoundCall, bind_session
 from torchbricks_fx.stage import Stage
 
@@ -123,11 +123,20 @@ def ort_built(path: Path, context: BuildContext, device: torch.device | None = N
     """An ONNX file run with an onnxruntime session (every graph optimization on, ``context.threads``
     intra-op threads)."""
     device = device or context.device
+    _require_provider(device)
     session = ort_session(path, device, threads=context.threads)
     outputs = context.outputs
     files = (path, *(p for p in (path.with_name(path.name + ".data"),) if p.exists()))
     return Built(bind=lambda inputs: bind_session(session, device, inputs, outputs), files=files,
                  providers=tuple(session.get_providers()), notes=tuple(notes))
+
+
+def _require_provider(device: torch.device) -> None:
+    """A candidate deployed on CUDA must run there: without onnxruntime's CUDA provider it is skipped."""
+    try:
+        require_cuda_provider(device)
+    except BrickBackendError as error:
+        raise Skip(str(error)) from None
 
 
 def _require(module: str, extra: str) -> None:
@@ -138,6 +147,7 @@ def _require(module: str, extra: str) -> None:
 # --------------------------------------------------------------------------------------------- builders
 def _onnxruntime(context: BuildContext) -> Built:
     _require("onnxruntime", "pip install onnxruntime")
+    _require_provider(context.device)  # before exporting
     return ort_built(context.float32_onnx(), context)
 
 
@@ -152,6 +162,7 @@ def _quantization() -> Any:
 
 def _int8_dynamic(context: BuildContext) -> Built:
     quantization = _quantization()
+    _require_provider(context.device)
     path = context.folder("int8-dynamic") / ONNX_NAME
     # Weights int8 ahead of time, activations quantized per call from their observed range: no calibration.
     quantization.quantize_dynamic(context.quantizable_onnx(), path, weight_type=quantization.QuantType.QInt8)
@@ -180,6 +191,7 @@ def _onnx_input_names(path: Path) -> list[str]:
 
 def _int8_static(context: BuildContext) -> Built:
     quantization = _quantization()
+    _require_provider(context.device)
     if not context.calibration:
         raise Skip("static quantization calibrates on the validation batches; none were given")
     source = context.quantizable_onnx()
