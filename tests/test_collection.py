@@ -20,6 +20,7 @@ from torchbricks_fx import (
     BrickTrainable,
     Stage,
 )
+from torchbricks_fx.bricks import BrickInterface
 
 
 class AddMul(nn.Module):
@@ -315,3 +316,61 @@ def test_save_bricks_replaces_only_its_own_files(tmp_path, multitask):
 def test_load_bricks_refuses_missing_folder(tmp_path, multitask):
     with pytest.raises(BrickError, match="No brick weights folder"):
         multitask.load_bricks(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------------------------- seed-era bricks
+class L1Counter(BrickInterface):
+    """A torchbricks 0.0.8-style custom brick: its own extract_losses, and summarize(stage, reset) with reset
+    required (as the seed's abstract method declares it)."""
+
+    def __init__(self) -> None:
+        super().__init__(input_names=["pred", "target"], output_names=["l1"], alive_stages=[Stage.TRAIN])
+        self.calls = 0
+
+    def forward(self, named_inputs: dict, stage: Stage) -> dict:
+        self.calls += 1
+        return {"l1": (named_inputs["pred"] - named_inputs["target"]).abs().mean()}
+
+    def extract_losses(self, named_outputs: dict) -> dict:
+        return {"l1": named_outputs["l1"]}
+
+    def summarize(self, stage: Stage, reset: bool) -> dict:
+        calls = self.calls
+        if reset:
+            self.calls = 0
+        return {"calls": calls}
+
+
+def test_seed_era_bricks_report_their_losses_and_summaries():
+    collection = BrickCollection({"l1": L1Counter(), "head": BrickTrainable(nn.Identity(), ["pred"], ["copy"])})
+    out = collection({"pred": torch.ones(2), "target": torch.zeros(2)}, Stage.TRAIN)
+    assert collection.extract_losses(out) == {"l1": torch.tensor(1.0)}
+    assert collection.summarize(Stage.TRAIN) == {"calls": 1}
+    assert collection.summarize(Stage.TRAIN, reset=True) == {"calls": 1}
+    assert collection.summarize(Stage.TRAIN) == {"calls": 0}  # the reset reached the brick
+    with pytest.raises(KeyError) as info:  # the brick's own code failing: the collection names the brick
+        collection.extract_losses({"pred": torch.ones(2)})
+    assert "(raised in brick 'l1')" in getattr(info.value, "__notes__", [])
+
+
+def test_replacing_one_use_of_a_shared_group_keeps_the_other_use_planned():
+    def head() -> BrickCollection:
+        return BrickCollection({"fc": BrickTrainable(nn.Linear(4, 2), ["../emb"], ["./logits"])})
+
+    shared = head()
+    multi = BrickCollection({"bb": BrickTrainable(nn.Identity(), ["raw"], ["emb"]), "a": shared, "b": shared})
+    x = {"raw": torch.randn(3, 4)}
+    assert "b/logits" in multi(x, Stage.INFERENCE)
+    multi["a"] = head()  # the group is still used under "b"
+    assert "b/logits" in multi(x, Stage.INFERENCE)
+    multi["b"]["fc"].alive_stages = [Stage.TRAIN]
+    assert "b/logits" not in multi(x, Stage.INFERENCE)
+    assert multi.plan(Stage.INFERENCE).pruned == {"b.fc": "dead in stage inference"}
+
+    brick = BrickTrainable(nn.Identity(), ["raw"], ["y"])
+    twice = BrickCollection({"one": brick, "two": BrickTrainable(nn.Identity(), ["y"], ["z"])})
+    twice["three"] = brick
+    del twice["one"]  # still held as "three"
+    assert "y" in twice.plan(Stage.INFERENCE).outputs
+    brick.output_names = ["w"]
+    assert "w" in twice.plan(Stage.INFERENCE).outputs

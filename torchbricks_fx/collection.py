@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from torchbricks_fx.brick import Brick, PlanMember
-from torchbricks_fx.errors import BrickGraphError, GraphProblem, merge_problems
+from torchbricks_fx.brick import Brick, BrickModule, PlanMember
+from torchbricks_fx.errors import BrickError, BrickGraphError, GraphProblem, add_note, merge_problems
 from torchbricks_fx.plan import PLAN_HINT, BrickSpec, StagePlan, make_plan, make_specs, resolve_name, stage_problems
 from torchbricks_fx.runtime import BoundStage
 from torchbricks_fx.stage import Stage, parse_stage
@@ -68,18 +68,22 @@ class BrickCollection(nn.ModuleDict, PlanMember):
     def __setitem__(self, key: str, value: Any) -> None:
         member = _as_member(_check_key(key), value)
         old = self._modules.get(key)
-        if isinstance(old, PlanMember):
-            old.remove_owner(self)
         nn.ModuleDict.__setitem__(self, key, member)
+        self._release(old)
         member.add_owner(self)
         self.plan_changed()
 
     def __delitem__(self, key: str) -> None:
         old = self._modules.get(key)
         nn.ModuleDict.__delitem__(self, key)
-        if isinstance(old, PlanMember):
-            old.remove_owner(self)
+        self._release(old)
         self.plan_changed()
+
+    def _release(self, old: object) -> None:
+        """Stops listening to a member that left, unless it is still held under another key (a group or brick
+        used twice): its changes must still reach this collection's plans."""
+        if isinstance(old, PlanMember) and not any(member is old for member in self._modules.values()):
+            old.remove_owner(self)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, nn.Module):
@@ -179,10 +183,14 @@ class BrickCollection(nn.ModuleDict, PlanMember):
         return values
 
     def extract_losses(self, named_outputs: Mapping[str, Any]) -> dict[str, Any]:
-        """The loss values among ``named_outputs`` (outputs named in the bricks' ``loss_output_names``,
-        relative names resolved as in the plan: ``"./loss"`` in group ``a`` is ``"a/loss"``)."""
+        """The loss values among ``named_outputs``: outputs named in the bricks' ``loss_output_names``, relative
+        names resolved as in the plan (``"./loss"`` in group ``a`` is ``"a/loss"``), and what a brick that
+        defines its own ``extract_losses`` (a seed-era ``BrickInterface``) returns."""
         losses: dict[str, Any] = {}
         for name, scope, brick in self.named_bricks():
+            if type(brick).extract_losses not in _NAMED_LOSSES:
+                losses.update(_in_brick(name, brick.extract_losses, named_outputs))
+                continue
             for loss_name in getattr(brick, "loss_output_names", ()):
                 value_name = resolve_name(loss_name, scope, name)[0] or loss_name
                 if value_name in named_outputs:
@@ -197,7 +205,8 @@ class BrickCollection(nn.ModuleDict, PlanMember):
         computed_by: dict[str, str] = {}
         for name, scope, brick in self.named_bricks():
             prefix = "".join(f"{part}/" for part in scope)
-            for key, value in brick.summarize(stage).items():
+            # Keywords, as the seed called them: a seed-era brick's summarize(self, stage, reset) requires both.
+            for key, value in _in_brick(name, brick.summarize, stage=stage, reset=False).items():
                 key = f"{prefix}{key}"
                 if key in metrics:  # planning catches plain metrics; wrappers name theirs only when computed
                     raise BrickGraphError([f"Metric {key!r} is computed by bricks {computed_by[key]!r} and "
@@ -206,8 +215,8 @@ class BrickCollection(nn.ModuleDict, PlanMember):
                                                "BrickMetrics({'name': metric})) or put them in nested groups.")
                 metrics[key], computed_by[key] = value, name
         if reset:  # after the check, so that a refused summary loses nothing (compute() is cached: cheap)
-            for _, _, brick in self.named_bricks():
-                brick.summarize(stage, reset=True)
+            for name, _, brick in self.named_bricks():
+                _in_brick(name, brick.summarize, stage=stage, reset=True)
         return metrics
 
     def to_mermaid(self, stage: Stage | str | None = None, outputs: Sequence[str] | None = None) -> str:
@@ -230,6 +239,20 @@ class BrickCollection(nn.ModuleDict, PlanMember):
         from torchbricks_fx.weights import load_bricks
 
         load_bricks(self, folder)
+
+
+# The library's own extract_losses read ``loss_output_names`` (resolved here, relative names included).
+_NAMED_LOSSES = (Brick.extract_losses, BrickModule.extract_losses)
+
+
+def _in_brick(name: str, method: Any, *args: Any, **kwargs: Any) -> Any:
+    """Calls a brick's own method; an error raised in it carries the brick's name."""
+    try:
+        return method(*args, **kwargs)
+    except Exception as error:
+        if not isinstance(error, BrickError):
+            add_note(error, f"(raised in brick {name!r})")
+        raise
 
 
 @functools.cache
