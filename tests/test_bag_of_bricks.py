@@ -84,10 +84,28 @@ def test_preprocessor_refuses_images_with_other_channels_naming_both() -> None:
 
 
 def test_preprocessor_configuration_errors() -> None:
-    with pytest.raises(BrickError, match="one value per channel"):
-        Preprocessor(mean=(0.5, 0.5), std=(0.5,))
+    with pytest.raises(BrickError, match=r"one value per channel.*\(got 2 and 3\)"):
+        Preprocessor(mean=(0.5, 0.5), std=(0.5, 0.5, 0.5))
     with pytest.raises(BrickError, match="positive"):
         Preprocessor(mean=(0.5,), std=(0.0,))
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.5, 0.25), ((0.5,), 0.25), (0.5, (0.25, 0.5, 0.2)),
+                                           (torch.tensor([0.4, 0.5, 0.6]), torch.tensor(0.25))])
+def test_preprocessor_takes_mean_and_std_as_normalize_does(mean: object, std: object) -> None:
+    """Scalars, one value for every channel, or one per channel, as torchvision's Normalize takes them."""
+    x = images()
+    expected = torchvision.transforms.Normalize(mean, std)(x)  # type: ignore[arg-type]
+    torch.testing.assert_close(Preprocessor(mean, std)(x), expected, rtol=0, atol=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_preprocessor_normalizes_in_the_input_dtype_as_normalize_does(dtype: torch.dtype) -> None:
+    x = images().to(dtype)
+    expected = torchvision.transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(x)
+    normalized = Preprocessor()(x)
+    assert normalized.dtype == dtype
+    torch.testing.assert_close(normalized, expected, rtol=0, atol=0)
 
 
 def test_preprocessor_constants_follow_the_module_but_stay_out_of_checkpoints() -> None:

@@ -15,8 +15,17 @@ IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 
+def _values(values: float | Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+    """One value or one per channel, as torchvision's ``Normalize`` takes them (a float, a sequence, a tensor)."""
+    return tuple(torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist())
+
+
 class Preprocessor(nn.Module):
-    """Normalizes images ``(N, C, H, W)`` per channel: ``(x - mean) / std``.
+    """Normalizes images ``(N, C, H, W)`` per channel: ``(x - mean) / std``, as torchvision's ``Normalize``.
+
+    ``mean`` and ``std`` are one value for every channel (a float) or one per channel; a single value is
+    repeated to match the other.  The output keeps the input's float dtype (float16 in, float16 out); float64
+    images are normalized with the configured values in float64, not with float32-rounded constants.
 
     With ``uint8_input=True`` the input must be ``uint8`` in ``[0, 255]`` and is scaled to ``[0, 1]`` first
     (e.g. images straight from a decoder, or an exported model fed raw pixels); any other dtype is a
@@ -26,18 +35,24 @@ class Preprocessor(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 uint8_input: bool = False) -> None:
+    def __init__(self, mean: float | Sequence[float] | torch.Tensor = IMAGENET_MEAN,
+                 std: float | Sequence[float] | torch.Tensor = IMAGENET_STD, uint8_input: bool = False) -> None:
         super().__init__()
-        if len(mean) != len(std):
-            raise BrickError(f"Preprocessor: mean {tuple(mean)} and std {tuple(std)} need one value per channel "
-                             f"(got {len(mean)} and {len(std)}).")
-        if any(s <= 0 for s in std):
-            raise BrickError(f"Preprocessor: std values must be positive, got {tuple(std)}.")
+        means, stds = _values(mean), _values(std)
+        if len(means) != len(stds) and 1 not in (len(means), len(stds)):
+            raise BrickError(f"Preprocessor: mean {means} and std {stds} need one value per channel, or one value "
+                             f"for every channel (got {len(means)} and {len(stds)}).")
+        if not means or any(not s > 0 for s in stds):
+            raise BrickError(f"Preprocessor: std values must be positive and mean not empty, got mean {means} and "
+                             f"std {stds}.")
+        channels = max(len(means), len(stds))
+        self._exact = means * (channels // len(means)), stds * (channels // len(stds))
         # Non-persistent buffers: they move with .to() and become ONNX constants, but stay out of checkpoints
-        # (they are configuration, not learned weights).
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        # (they are configuration, not learned weights).  float32, not float64: some devices (MPS) have none.
+        self.register_buffer("mean", torch.tensor(self._exact[0], dtype=torch.float32).view(-1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(self._exact[1], dtype=torch.float32).view(-1, 1, 1),
+                             persistent=False)
         self.uint8_input = uint8_input
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -56,7 +71,12 @@ class Preprocessor(nn.Module):
             raise BrickError(f"Preprocessor normalizes {self.mean.shape[0]} channels (mean and std have "
                              f"{self.mean.shape[0]} values), but got images of shape {tuple(images.shape)}; pass "
                              f"(..., channels, height, width) images or one mean and std per channel.")
-        return (images - self.mean) / self.std
+        if images.dtype == torch.float64:  # the buffers hold float32-rounded values (about 1e-8 off)
+            mean = images.new_tensor(self._exact[0]).view(-1, 1, 1)
+            std = images.new_tensor(self._exact[1]).view(-1, 1, 1)
+            return (images - mean) / std
+        # In the input's dtype, as Normalize: float16 images stay float16 (no promotion to the buffers' float32).
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def extra_repr(self) -> str:
         mean = [round(v, 4) for v in self.mean.flatten().tolist()]
