@@ -226,6 +226,31 @@ def test_keyword_all_stage_bindings_and_odd_names(stage):
     assert f"Stage.{stage.name}" in code  # the stage is a constant of the graph
 
 
+class AddAndSubtract(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return a + 2 * b, a - b
+
+
+@pytest.mark.parametrize("stage", [Stage.TRAIN, Stage.INFERENCE])
+def test_values_and_bricks_named_self_compile_and_keep_their_names(stage):
+    """``self`` is the generated forward's first argument: a value or brick of that name must not clash."""
+    collection = BrickCollection({
+        "first": BrickTrainable(nn.Identity(), input_names=["a"], output_names=["a2"]),
+        "self": BrickTrainable(AddAndSubtract(), input_names=["a2", "self"], output_names=["sum", "b_self"]),
+        "last": BrickTrainable(nn.Identity(), input_names=["sum"], output_names=["self_out"]),
+        "named": BrickTrainable(nn.Identity(), input_names=["b_self"], output_names=["self_2"]),
+    })
+    inputs = {"a": torch.ones(1), "self": torch.full((1,), 5.0)}
+    stage_module = compile_stage(collection, stage)
+    assert stage_module.input_names == ("a", "self")
+    outputs = stage_module(inputs)
+    assert set(outputs) == {"a2", "sum", "b_self", "self_out", "self_2"}
+    assert float(outputs["self_out"]) == 11.0 and float(outputs["self_2"]) == -4.0
+    assert_same(outputs, collection(inputs, stage))
+    single = BrickCollection({"b": BrickTrainable(nn.Identity(), input_names=["a"], output_names=["self"])})
+    assert_same(compile_stage(single, stage)({"a": torch.ones(1)}), {"self": torch.ones(1)})
+
+
 def test_metric_outputs_cannot_feed_graph_bricks():
     from torchmetrics.classification import MulticlassAccuracy
 

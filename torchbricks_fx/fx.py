@@ -60,9 +60,10 @@ META_VALUE = "torchbricks_fx.value"
 
 
 def identifier(name: str, taken: set[str]) -> str:
-    """A Python identifier for a user name, unique in ``taken`` and not shadowing GraphModule attributes."""
+    """A Python identifier for a user name, unique in ``taken`` and not shadowing GraphModule attributes nor
+    ``self``, the first argument of the generated ``forward``."""
     ident = re.sub(r"\W", "_", name) or "_"
-    if ident[0].isdigit() or keyword.iskeyword(ident) or hasattr(torch.fx.GraphModule, ident):
+    if ident[0].isdigit() or keyword.iskeyword(ident) or ident == "self" or hasattr(torch.fx.GraphModule, ident):
         ident = f"b_{ident}"
     candidate, suffix = ident, 1
     while candidate in taken:
