@@ -28,7 +28,7 @@ from torchbricks_fx import (
 from torchbricks_fx import runners as backends_module
 from torchbricks_fx.benchmarking import resize_batch
 from torchbricks_fx.compiling import CompileOptions
-from torchbricks_fx.numerics import compare_outputs
+from torchbricks_fx.numerics import compare_outputs, compare_tensors, tolerance
 from torchbricks_fx.ort import ort_providers, require_cuda_provider
 from torchbricks_fx.reporting import JSON_SCHEMA, plot, profile_to_markdown, results_from_json, to_json, to_markdown
 
@@ -412,6 +412,32 @@ def test_compare_outputs_never_reports_a_nan_difference_as_zero():
     assert compare_outputs(reference, {"y": torch.ones(3)}) == (False, float("inf"))
     assert compare_outputs(reference, {}) == (False, float("inf"))
     assert compare_outputs({"n": torch.tensor([1, 2])}, {"n": torch.tensor([1, 3])})[0] is False
+
+
+def test_complex_outputs_are_compared_with_their_parts_tolerance():
+    """An FFT round trip in complex64 is off by float32 rounding, as its real part is: both pass."""
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    want = torch.fft.fft(x)
+    got = torch.fft.fft(torch.fft.ifft(want))
+    assert not torch.equal(got, want)
+    assert compare_tensors(got.real.contiguous(), want.real.contiguous())[0]
+    assert compare_tensors(got, want)[0]
+    assert tolerance(torch.complex64) == tolerance(torch.float32)
+    assert tolerance(torch.complex64, "cuda") == tolerance(torch.float32, "cuda")
+    assert tolerance(torch.complex128) == tolerance(torch.float64)
+    assert tolerance(torch.complex32) == tolerance(torch.float16)
+    assert not compare_tensors(want + 1e-2, want)[0]  # still a tolerance, not a pass
+
+
+def test_complex_nans_and_infinities_are_judged_part_by_part():
+    inf, nan = float("inf"), float("nan")
+    ok, max_abs, _ = compare_tensors(torch.tensor([complex(nan, 5.0)]), torch.tensor([complex(nan, 1.0)]))
+    assert not ok and max_abs == 4.0  # a NaN real part does not hide the imaginary difference
+    assert compare_tensors(torch.tensor([complex(inf, 1.0), complex(nan, nan)]),
+                           torch.tensor([complex(inf, 1.0), complex(nan, nan)])) == (True, 0.0, 0.0)
+    assert compare_tensors(torch.tensor([complex(-inf, 1.0 + 1e-7)]), torch.tensor([complex(-inf, 1.0)]))[0]
+    ok, max_abs, _ = compare_tensors(torch.tensor([complex(3.0, 4.0)]), torch.tensor([complex(0.0, 0.0)]))
+    assert not ok and max_abs == 5.0  # the modulus of the difference
 
 
 # ------------------------------------------------------------------------------------------- per brick

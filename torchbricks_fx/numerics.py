@@ -23,12 +23,18 @@ _TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (5e-2, 5e-2),
 }
+# A complex value is two floats of its part's dtype: it gets their tolerance.
+_COMPLEX_PARTS: dict[torch.dtype, torch.dtype] = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+if hasattr(torch, "complex32"):
+    _COMPLEX_PARTS[torch.complex32] = torch.float16
 # cuDNN / cuBLAS pick other algorithms than onnxruntime's CUDA kernels; float32 sums differ a little more.
 _CUDA_FLOAT32 = (1e-3, 1e-3)
 
 
 def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[float, float]:
-    """``(rtol, atol)`` used to compare an output of ``dtype`` computed on ``device`` (integers, bool: exact)."""
+    """``(rtol, atol)`` used to compare an output of ``dtype`` computed on ``device`` (integers, bool: exact;
+    complex64/complex128/complex32: the tolerance of float32/float64/float16, their parts' dtype)."""
+    dtype = _COMPLEX_PARTS.get(dtype, dtype)
     if dtype == torch.float32 and torch.device(device).type == "cuda":
         return _CUDA_FLOAT32
     return _TOLERANCES.get(dtype, (0.0, 0.0))
@@ -48,7 +54,8 @@ def difference(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) 
     """``got`` against ``want`` elementwise: equal values (equal infinities included) and NaN against NaN
     count as no error; a NaN or infinity against anything else is an infinite error.  The rtol term uses
     the finite ``want`` values only.  Compared in float64 (complex128) on the CPU, after the dtypes were
-    found equal, so no conversion hides a dtype change."""
+    found equal, so no conversion hides a dtype change.  Complex values follow these rules part by part
+    (``nan+1j`` against ``nan+5j`` is an error); their error is the modulus of the difference."""
     if tuple(got.shape) != tuple(want.shape):
         return Difference(math.inf, math.inf, False, f"shape {list(got.shape)} != eager {list(want.shape)}")
     if got.dtype != want.dtype:
@@ -62,13 +69,18 @@ def difference(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) 
         max_abs = max_abs if equal else max(max_abs, 1.0)  # float64 rounds large int64 differences to 0
         scale = float(want.double().abs().max())
         return Difference(max_abs, max_abs / scale if scale > 0 else max_abs, equal)
-    wide = torch.complex128 if want.is_complex() else torch.float64
-    got64, want64 = got.to(wide), want.to(wide)
+    if want.is_complex():  # real and imaginary parts as a last axis of two floats
+        got64, want64 = torch.view_as_real(got.to(torch.complex128)), torch.view_as_real(want.to(torch.complex128))
+    else:
+        got64, want64 = got.to(torch.float64), want.to(torch.float64)
     same = (got64 == want64) | (torch.isnan(got64) & torch.isnan(want64))  # == covers equal infinities
     diff = torch.where(same, torch.zeros((), dtype=torch.float64), (got64 - want64).abs())
     diff = torch.nan_to_num(diff, nan=math.inf, posinf=math.inf)  # one-sided NaN: an error, never 0
     finite = torch.isfinite(want64)
     magnitude = torch.where(finite, want64.abs(), torch.zeros((), dtype=torch.float64))
+    if want.is_complex():  # moduli: of the difference, and of the values whose parts are both finite
+        diff = torch.hypot(diff[..., 0], diff[..., 1])
+        magnitude = torch.where(finite.all(-1), torch.hypot(magnitude[..., 0], magnitude[..., 1]), 0.0)
     scale = float(magnitude.max())
     max_abs = float(diff.max())
     ok = bool((diff <= atol * max(1.0, scale) + rtol * magnitude).all())
