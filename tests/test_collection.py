@@ -374,3 +374,26 @@ def test_replacing_one_use_of_a_shared_group_keeps_the_other_use_planned():
     assert "y" in twice.plan(Stage.INFERENCE).outputs
     brick.output_names = ["w"]
     assert "w" in twice.plan(Stage.INFERENCE).outputs
+
+
+def test_editing_a_metric_bricks_alive_stages_gives_new_stages_their_own_metric():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from torchbricks_fx import compile_stage
+
+    def accuracy_brick(name: str, **alive) -> BrickMetricSingle:
+        return BrickMetricSingle(MulticlassAccuracy(num_classes=3, average="micro"), ["p", "t"], metric_name=name,
+                                 **alive)
+
+    accuracy, late = accuracy_brick("accuracy"), accuracy_brick("late", alive_stages="none")
+    collection = BrickCollection({"accuracy": accuracy, "late": late})
+    collection({"p": torch.tensor([1, 1, 1]), "t": torch.tensor([0, 0, 0])}, Stage.VALIDATION)  # all wrong
+    accuracy.alive_stages = "all"
+    late.alive_stages = [Stage.INFERENCE]
+    batch = {"p": torch.tensor([0, 1, 2]), "t": torch.tensor([0, 2, 2])}
+    collection(batch, Stage.INFERENCE)
+    compile_stage(collection, Stage.INFERENCE)(batch)
+    summary = collection.summarize(Stage.INFERENCE)
+    assert set(summary) == {"accuracy", "late"}
+    assert float(summary["accuracy"]) == float(summary["late"]) == pytest.approx(2 / 3)  # fresh: no validation
+    assert float(collection.summarize(Stage.VALIDATION)["accuracy"]) == 0.0

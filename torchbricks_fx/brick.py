@@ -12,7 +12,6 @@ tree re-plans exactly when it must and never because of an unrelated brick.
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -30,6 +29,7 @@ from torchbricks_fx.binding import (
     normalize_output_names,
 )
 from torchbricks_fx.errors import BrickGraphError
+from torchbricks_fx.plan_member import PlanMember
 from torchbricks_fx.stage import LOSS_STAGES, Stage, parse_alive_stages
 
 __all__ = [
@@ -44,41 +44,9 @@ __all__ = [
     "BrickTrainable",
     "CallableModule",
     "InputNames",
+    "PlanMember",
     "Stage",
 ]
-
-
-class PlanMember(nn.Module):
-    """A module whose changes invalidate the plans of the collections holding it (its *owners*)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.__dict__["_owners"] = weakref.WeakSet()
-
-    def add_owner(self, owner: PlanMember) -> None:
-        self.__dict__["_owners"].add(owner)
-
-    def remove_owner(self, owner: PlanMember) -> None:
-        self.__dict__["_owners"].discard(owner)
-
-    def plan_changed(self) -> None:
-        """Called when something that plans or bound steps depend on changed; tells every owner."""
-        for owner in list(self.__dict__.get("_owners", ())):
-            owner.plan_changed()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if isinstance(value, nn.Module):
-            self.plan_changed()  # e.g. ``brick.model = other``: bound steps must call the new module
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        state.pop("_owners", None)  # weak references cannot be pickled; owners register again on load
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__["_owners"] = weakref.WeakSet()
 
 
 class CallableModule(nn.Module):
@@ -148,7 +116,11 @@ class Brick(PlanMember):
     @alive_stages.setter
     def alive_stages(self, value: str | Iterable[Stage | str]) -> None:
         self._alive_stages = parse_alive_stages(value)
+        self._alive_stages_changed()
         self.plan_changed()
+
+    def _alive_stages_changed(self) -> None:
+        """Hook for what a brick keeps per alive stage (a metric brick's clones)."""
 
     def run_now(self, stage: Stage) -> bool:
         return stage in self.alive_stages
@@ -312,8 +284,23 @@ class BrickMetrics(Brick):
         output_names = [f"./{name}" for name in metric_collection] if return_metrics else []
         super().__init__(input_names, output_names, alive_stages, default_stages=LOSS_STAGES)
         self.return_metrics = return_metrics
-        self.metrics = nn.ModuleDict({stage.name: metric_collection.clone() for stage in Stage
-                                      if stage in self.alive_stages})
+        self.__dict__["_template"] = metric_collection.clone()  # not a submodule: not in state_dict
+        self.metrics = nn.ModuleDict()
+        self._alive_stages_changed()
+
+    def _alive_stages_changed(self) -> None:
+        """Gives every alive stage without one a fresh clone (at construction and when ``alive_stages`` is
+        edited), copied from an existing clone (so on its device) and reset.  A stage no longer alive keeps
+        its clone and what it accumulated."""
+        metrics: Any = self._modules.get("metrics")
+        if metrics is None:  # Brick.__init__ sets alive_stages before the clones exist
+            return
+        for stage in Stage:
+            if stage in self.alive_stages and stage.name not in metrics:
+                source: Any = next(iter(metrics.values()), None)
+                clone = (self.__dict__["_template"] if source is None else source).clone()
+                clone.reset()
+                metrics[stage.name] = clone
 
     def graph_module(self, stage: Stage) -> nn.Module:
         return self.metrics[stage.name]
