@@ -104,6 +104,35 @@ def test_a_train_stage_between_eval_calls_refreezes_once(collection):
     assert inference.compiled.compiles == compiles + 1
 
 
+def test_a_fused_optimizer_step_after_the_last_train_call_is_seen(collection):
+    """A fused optimizer moves no version counter; the stage counts optimizer steps instead (here the eval
+    call comes between backward and the step, so no training call follows the change)."""
+    inference = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)
+    optimizer = torch.optim.AdamW(collection.parameters(), lr=0.1, fused=True)
+    out = collection(train_inputs(), Stage.TRAIN)
+    sum(collection.extract_losses(out).values()).backward()  # type: ignore[union-attr]
+    assert_like_eager(inference, collection, images(2))
+    weight = collection["backbone"].model.conv.weight
+    version = weight._version
+    optimizer.step()
+    assert weight._version == version  # what makes this case hard
+    assert_like_eager(inference, collection, images(2))
+
+
+def test_training_another_collection_does_not_refreeze_a_frozen_stage(collection):
+    """A fixed teacher's frozen stage beside a student in training: the student's steps are not the
+    teacher's changes."""
+    teacher = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)
+    assert_like_eager(teacher, collection, images(2))
+    compiles = teacher.compiled.compiles
+    student = BrickCollection(multitask_bricks())
+    for _ in range(2):
+        train_step(student, train_inputs())
+        compile_stage(student, Stage.TRAIN)(train_inputs())
+        assert_like_eager(teacher, collection, images(2))
+    assert teacher.compiled.compiles == compiles
+
+
 # ------------------------------------------------------------------------------------------- recompiles
 def test_no_recompiles_across_batch_sizes_after_warm_up(collection):
     inference = compile_stage(collection, Stage.INFERENCE,

@@ -282,7 +282,8 @@ def test_a_submodule_swapped_in_after_the_first_call_runs_in_the_stage_mode(runt
     collection["head"].model.fc = normalized
     collection.eval()
     collection({"x": torch.randn(8, 4)}, Stage.TRAIN)
-    assert normalized[1].num_batches_tracked.item() == 1 and not normalized[1].training
+    assert normalized[1].num_batches_tracked.item() == 1
+    assert normalized[1].training  # TRAIN leaves train mode (backward may run the forward again)
 
 
 def test_a_copied_stage_module_watches_its_own_modules():
@@ -303,3 +304,36 @@ def test_a_tensor_instead_of_a_dict_of_inputs_says_what_the_stage_takes(runtime)
         (lambda inputs: collection(inputs, Stage.INFERENCE))
     with pytest.raises(BrickGraphError, match=r"takes a dict \{input name: value\}, not a Tensor.*\['x'\]"):
         call(torch.ones(2))
+
+
+class Checkpointed(nn.Module):
+    """Recomputes its block in backward (activation checkpointing): the recomputation must run in the
+    modes of the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "stage module"])
+def test_activation_checkpointing_trains_when_the_modules_were_left_in_eval_mode(runtime):
+    torch.manual_seed(0)
+    collection = BrickCollection({"body": BrickTrainable(Checkpointed(), input_names=["x"], output_names=["y"])})
+    collection.eval()  # e.g. after a validation run
+    stage = compile_stage(collection, Stage.TRAIN) if runtime == "stage module" else None
+    out = stage({"x": torch.randn(8, 4)}) if stage else collection({"x": torch.randn(8, 4)}, Stage.TRAIN)
+    out["y"].sum().backward()
+    assert collection["body"].model.block[0].weight.grad is not None
+
+
+def test_warming_up_a_train_stage_leaves_the_random_number_generator_alone():
+    collection = BrickCollection({"drop": BrickTrainable(nn.Dropout(0.5), input_names=["x"], output_names=["y"])})
+    stage = compile_stage(collection, Stage.TRAIN)
+    torch.manual_seed(0)
+    expected = stage({"x": torch.ones(100)})["y"]
+    torch.manual_seed(0)
+    stage.warm_up({"x": torch.ones(100)}, batch_sizes=[1, 2])
+    torch.testing.assert_close(stage({"x": torch.ones(100)})["y"], expected)  # the same dropout mask

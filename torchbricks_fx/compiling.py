@@ -3,8 +3,8 @@
 An eval stage (VALIDATION, TEST, INFERENCE, EXPORT) never needs gradients and never changes its weights
 while it runs, so Inductor may fold them into the compiled code as constants ("freezing": prepacked
 convolution and matrix weights, about 3x faster than eager at small batches on CPU).  Frozen weights must
-never go stale: before each call the weights' version counters and storages (and the process's count of
-training calls, for changes no counter sees, e.g. fused optimizers) are compared with those the graph was
+never go stale: before each call the weights' version counters and storages (and their counts of optimizer
+steps, for changes no version counter sees: fused optimizers) are compared with those the graph was
 frozen with; on a change the graph is frozen again on the next call.
 
 Freezing does not always pay, nor does compiling: prepacked kernels cost more per call for tiny layers,

@@ -38,7 +38,6 @@ from torchbricks_fx.runtime import (
     enter_modes,
     exit_modes,
     forked_rng,
-    note_training_call,
     preserved_state,
     resize_batch,
 )
@@ -254,8 +253,6 @@ class StageModule(nn.Module):
         # user-defined context manager.  The grad mode is switched only when it differs.
         bound = self._bound
         training = self._stage_trains
-        if training:
-            note_training_call()
         flipped = enter_modes(bound.modules, training)
         grad_before = _is_grad_enabled()
         try:
@@ -328,13 +325,16 @@ class StageModule(nn.Module):
     def warm_up(self, named_inputs: Mapping[str, Any], batch_sizes: Sequence[int] | None = None) -> None:
         """Runs the stage on ``named_inputs`` resized to each of ``batch_sizes`` (default: as given), so that a
         compiled stage compiles now: a graph specialized to each of these batch sizes and, with
-        ``dynamic_batch``, the dynamic-batch graph that serves every other size.  The model's buffers and
-        metric states are restored afterwards.  On CPU, Dynamo specializes convolution stages to batch 1,
-        2-15 and 16+: one size from each range (``batch_sizes=[1, 2, 16]``) compiles for them all."""
+        ``dynamic_batch``, the dynamic-batch graph that serves every other size.  The model's buffers, metric
+        states and random number generators are restored afterwards.  On CPU, Dynamo specializes convolution
+        stages to batch 1, 2-15 and 16+: one size from each range (``batch_sizes=[1, 2, 16]``) compiles for
+        them all."""
         inputs = [dict(named_inputs)] if batch_sizes is None else \
             [resize_batch(named_inputs, size, self.input_names) for size in batch_sizes]
         compiled = self.compiled
-        with preserved_state(self), (compiled.warming_up() if compiled else contextlib.nullcontext()):
+        tensors = [value for each in inputs for value in each.values()]
+        with preserved_state(self), forked_rng(tensors), \
+                (compiled.warming_up() if compiled else contextlib.nullcontext()):
             for each in inputs:
                 self(each)
 

@@ -56,17 +56,29 @@ def watch_module_tree(watcher: Any) -> None:
     _WATCHERS.add(watcher)
 
 
-# Calls of TRAIN stages in this process.  A frozen compiled stage compares it with the count at freezing:
-# a training call may change weights in ways no version counter shows (fused optimizers).
-_TRAINING_CALLS = [0]
+# Optimizer steps of each parameter, counted on the parameter itself: a fused optimizer (AdamW(fused=True))
+# or one writing through ``.data`` changes weights without bumping their version counters, so a frozen
+# compiled stage compares these counts too.  Counted once some frozen stage watches (the hook is global).
+_STEP_COUNT = "_torchbricks_fx_steps"
+_STEP_HOOK: list[Any] = []
 
 
-def training_calls() -> int:
-    return _TRAINING_CALLS[0]
+def count_optimizer_steps() -> None:
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
 
 
-def note_training_call() -> None:
-    _TRAINING_CALLS[0] += 1
+def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            setattr(parameter, _STEP_COUNT, getattr(parameter, _STEP_COUNT, 0) + 1)
+
+
+def optimizer_steps(tensor: torch.Tensor) -> int:
+    """How many optimizer steps changed ``tensor`` since :func:`count_optimizer_steps` was first called."""
+    return getattr(tensor, _STEP_COUNT, 0)
 
 
 @dataclass(frozen=True)
@@ -93,13 +105,18 @@ def enter_modes(modules: Sequence[nn.Module], training: bool) -> list[nn.Module]
 
 
 def exit_modes(flipped: Sequence[nn.Module], training: bool) -> None:
+    """Restores the caller's modes after an eval stage.  TRAIN leaves the modules in train mode: backward
+    may run the forward again (activation checkpointing), and must find the modes the forward ran in."""
+    if training:
+        return
     for module in flipped:
-        module.training = not training
+        module.training = True
 
 
 class StageModes:
     """Context manager: modules in the stage's mode and grad mode for the block, the caller's afterwards
-    (only the modules that were flipped are flipped back).  A class, not a generator: it is on every call."""
+    (only the modules that were flipped are flipped back; TRAIN leaves them in train mode, see
+    :func:`exit_modes`).  A class, not a generator: it is on every call."""
 
     __slots__ = ("_flipped", "_grad", "_modules", "_previous_grad", "_training")
 
@@ -181,8 +198,6 @@ class BoundStage:
         """Runs the stage eagerly in its modes; returns the inputs and every value the bricks produce (and
         updates the metric bricks unless ``metrics=False``)."""
         check_inputs(self.plan, named_inputs)
-        if self.training:
-            note_training_call()
         values = dict(named_inputs)
         values[STAGE_INPUT] = self.plan.stage
         with self.modes():
