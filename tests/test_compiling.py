@@ -202,6 +202,17 @@ def test_channels_last_keeps_the_batch_axis_dynamic(collection):
         assert_like_eager(inference, collection, images(batch_size))
 
 
+def test_a_channels_last_stage_built_under_inference_mode_leaves_the_weights_trainable(collection):
+    """Lightning's validate/test/predict run under inference_mode: building such a stage there must not turn
+    the shared weights into inference tensors, which training could not use."""
+    with torch.inference_mode():
+        compile_stage(collection, Stage.TEST, compile=CompileOptions(channels_last=True))
+    weight = collection["backbone"].model.conv.weight
+    assert not weight.is_inference() and weight.is_contiguous(memory_format=torch.channels_last)
+    train_step(collection, train_inputs())
+    assert weight.grad is None or not weight.grad.is_inference()
+
+
 def test_an_eval_stage_measures_how_to_run_and_keeps_the_fastest(collection):
     inference = compile_stage(collection, Stage.INFERENCE, compile=True)
     assert inference.compiled.choice is None

@@ -377,3 +377,14 @@ def test_autocast_options_compile_the_eval_stages_and_leave_training_in_float32(
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert module({"raw": x})["a/logits"].dtype == torch.float32  # the eval stage, verified in bfloat16
+
+
+def test_several_validation_and_test_dataloaders() -> None:
+    module = BrickLightningModule(make_collection(), sgd())
+    runner = trainer(max_epochs=1)
+    loaders = [DataLoader(blobs(32, seed=seed), batch_size=16) for seed in (1, 2)]
+    runner.fit(module, train_dataloaders=DataLoader(blobs(), batch_size=16), val_dataloaders=loaders)
+    logged = runner.logged_metrics
+    assert {"validation/total_loss/dataloader_idx_0", "validation/total_loss/dataloader_idx_1"} <= set(logged)
+    results = runner.test(module, dataloaders=loaders, verbose=False)
+    assert len(results) == 2 and all("test/a/accuracy" in result for result in results)

@@ -79,8 +79,9 @@ class CompiledGraph:
         if options.autocast is not None and self.training:
             raise BrickBackendError("CompileOptions(autocast=...) is for eval stages; TRAIN keeps float32 (use "
                                     "torch.autocast around your training step for mixed-precision training).")
-        if options.channels_last:
-            graph_module.to(memory_format=torch.channels_last)  # the shared modules' 4-D weights, in place
+        if options.channels_last:  # the shared modules' 4-D weights, in place (as parameters that can train,
+            with torch.inference_mode(False), torch.no_grad():  # also when built under inference_mode)
+                graph_module.to(memory_format=torch.channels_last)
         self._plain = plain or graph_module.forward  # how the owner runs the plain graph
         self._on_plain = on_plain
         self._static = Slot(self._make_candidates(dynamic=False))

@@ -184,11 +184,13 @@ class BrickLightningModule(pl.LightningModule):
                              "outputs).")
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+    # With several validation or test dataloaders, Lightning passes dataloader_idx and logs the losses per
+    # dataloader; the metric bricks accumulate over all of them (one state per stage).
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
         # No loss here is fine: e.g. losses alive only in TRAIN and metrics in VALIDATION.
         return self._step(batch, Stage.VALIDATION)
 
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
         return self._step(batch, Stage.TEST)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
