@@ -224,7 +224,11 @@ def test_an_eval_stage_measures_how_to_run_and_keeps_the_fastest(collection):
 
 
 # ------------------------------------------------------------------------------------------- TRAIN
-def test_compiled_train_stage_gradients_equal_eager(collection):
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: a cumulative average, as SWA's BatchNorm update sets
+def test_compiled_train_stage_gradients_equal_eager(collection, momentum):
+    for module in collection.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = momentum
     eager = copy.deepcopy(collection)
     train = compile_stage(collection, Stage.TRAIN, compile=True)
     inputs = train_inputs(6)

@@ -36,7 +36,7 @@ class Variant:
     the modules are shared), or the plain graph."""
 
     def __init__(self, name: str, graph_module: torch.fx.GraphModule, *, compiled: bool, frozen: bool,
-                 dynamic: bool, mode: str | None, plain: Callable[..., Any]) -> None:
+                 dynamic: bool, mode: str | None, plain: Callable[..., Any], fullgraph: bool = True) -> None:
         self.name = name
         self.frozen = frozen
         self.compiled = compiled
@@ -44,7 +44,7 @@ class Variant:
         self.needs_marks = compiled and dynamic  # batch marks on the inputs of its first compile
         self.graph_module = code_copy(graph_module) if compiled else graph_module
         self.run: Callable[..., Any] = torch.compile(
-            self.graph_module, fullgraph=True, mode=mode, dynamic=None if dynamic else False) if compiled \
+            self.graph_module, fullgraph=fullgraph, mode=mode, dynamic=None if dynamic else False) if compiled \
             else plain
 
     def forget(self) -> None:

@@ -106,8 +106,11 @@ class CompiledGraph:
         suffix = ", dynamic batch" if dynamic else ""
 
         def variant(name: str, compiled: bool, frozen: bool) -> Variant:
+            # TRAIN runs what Dynamo cannot capture eagerly (a graph break, as torch.compile does): SWA's
+            # cumulative BatchNorm (momentum=None) divides by a data-dependent count.  An eval graph is
+            # captured whole, as freezing needs.
             return Variant(name + suffix, gm, compiled=compiled, frozen=frozen, dynamic=dynamic, mode=mode,
-                            plain=self._plain)
+                           plain=self._plain, fullgraph=not self.training)
 
         if self.training:
             return [variant("compiled", compiled=True, frozen=False)]
