@@ -58,8 +58,9 @@ class BenchmarkResult:
     calls at this batch size (where torch.compile really compiles).  ``matched`` says whether the outputs
     equal eager's on the same inputs (within export's tolerance for the dtype and device, see
     ``compare_outputs``), ``max_abs_error`` by how much they differ.  ``peak_memory_bytes`` (CUDA, torch
-    backends) is the peak of ``torch.cuda.memory_allocated`` during the measurement above its level at the
-    start (inputs and weights already there are not counted).
+    backends) is the peak of ``torch.cuda.memory_allocated`` during the timed calls above its level before
+    the backend was bound (inputs and weights already there are not counted; what the backend keeps, such
+    as frozen constants or a CUDA graph's pool, is; compilation's transients are not).
     """
 
     backend: str
@@ -154,6 +155,9 @@ def _measure(runner: Runner, named_inputs: Mapping[str, Any], reference: Mapping
     warmup = _warm_up(runner, bound, device, named_inputs)
     matched, error = compare_outputs(reference, seeded_call(bound.fetch, device), device)
     warm = count()
+    if cuda:  # the timed calls' peak: compilation and warm-up transients are not serving memory
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     measurement = time_statement(bound.stmt, bound.globals, threads=base.threads, min_run_time=min_run_time,
                                  label=base.stage, description=runner.name)
     if count() != warm:
