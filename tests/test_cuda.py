@@ -74,3 +74,26 @@ def test_deploy_on_cuda_judges_candidates_with_per_class_metric_states(tmp_path)
     assert chosen is not None and chosen.accepted
     drops = chosen.metric_drops
     assert drops and all(abs(drop) < 1e-6 for drop in drops.values())  # the same predictions as eager
+
+
+class _PrecisionRecorder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+        return x * 2
+
+
+def test_benchmark_on_cuda_computes_float32_as_onnxruntime_does():
+    """ONNX Runtime runs with TF32 off; torch's backends are timed the same way, then the caller's TF32
+    settings are back."""
+    from torchbricks_fx import BrickTrainable, benchmark
+
+    recorder = _PrecisionRecorder()
+    collection = BrickCollection({"double": BrickTrainable(recorder, ["x"], ["y"])})
+    before = torch.backends.cudnn.allow_tf32
+    benchmark(collection, {"x": torch.rand(2, 4)}, device="cuda", backends=["eager"], min_run_time=0.01)
+    assert recorder.seen and not any(recorder.seen)
+    assert torch.backends.cudnn.allow_tf32 == before

@@ -27,7 +27,7 @@ from torch.utils.benchmark import Timer
 
 from torchbricks_fx.backends import DEFAULT_BACKENDS, parse_backends, parse_device
 from torchbricks_fx.errors import BrickBackendError, error_summary
-from torchbricks_fx.numerics import compare_outputs
+from torchbricks_fx.numerics import compare_outputs, exact_float32
 from torchbricks_fx.placement import kept_rng, moved_to, seeded_call, to_device, torch_threads
 from torchbricks_fx.runners import BoundCall, Runner, make_runner
 from torchbricks_fx.runtime import batch_size_of, check_batch_size, preserved_state, resize_batch
@@ -292,7 +292,8 @@ def benchmark(collection: BrickCollection, named_inputs: Mapping[str, Any], *, s
     def inputs(bs: int) -> dict[str, Any]:
         return to_device(resize_batch(named_inputs, bs, order), dev)
 
-    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), kept_rng(dev):
+    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), \
+            kept_rng(dev), exact_float32(dev):
         machine_load(progress, warn=True)
         references = {bs: _reference_outputs(collection, stage, inputs(bs), plan.outputs, dev) for bs in sizes}
         results: list[BenchmarkResult] = []
@@ -321,7 +322,8 @@ def profile_bricks(collection: BrickCollection, named_inputs: Mapping[str, Any],
     dev = parse_device(device)
     _check_min_run_time(min_run_time)
     bound = collection.bound_stage(stage, outputs)
-    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), kept_rng(dev):
+    with torch_threads(threads) as n_threads, preserved_state(collection), moved_to(collection, dev), \
+            kept_rng(dev), exact_float32(dev):
         values = bound.run(to_device(named_inputs, dev))
         timings = []
         with bound.modes():

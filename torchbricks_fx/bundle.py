@@ -142,7 +142,10 @@ def _onnx_runner(path: Path, output_names: Sequence[str], providers: Sequence[An
     if threads is not None:
         options.intra_op_num_threads = threads
     available = set(ort.get_available_providers())
-    chosen = [p for p in (providers or ["CPUExecutionProvider"]) if (p[0] if isinstance(p, tuple) else p) in available]
+    # The CUDA provider named alone runs as deploy judged it: float32 with TF32 off (onnxruntime's default is on).
+    wanted = [("CUDAExecutionProvider", {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p
+              for p in (providers or ["CPUExecutionProvider"])]
+    chosen = [p for p in wanted if (p[0] if isinstance(p, tuple) else p) in available]
     session = ort.InferenceSession(os.fspath(path), options, providers=chosen or ["CPUExecutionProvider"])
     names = list(output_names)
 

@@ -30,6 +30,7 @@ from torchbricks_fx.deployment.writer import write_bundle
 from torchbricks_fx.errors import BrickDeployError, BrickDeployInputError
 from torchbricks_fx.export.target import Target, make_target
 from torchbricks_fx.files import as_path, check_destination
+from torchbricks_fx.numerics import exact_float32
 from torchbricks_fx.placement import moved_to, torch_threads
 from torchbricks_fx.runtime import batch_size_of, check_batch_size, preserved_state
 from torchbricks_fx.stage import Stage, parse_stage
@@ -107,7 +108,8 @@ def deploy(collection: BrickCollection, folder: str | os.PathLike[str], named_in
                        batch_sizes=batch_sizes, threads=threads, min_run_time=min_run_time, overwrite=overwrite)
     work = work_folder()
     try:
-        with torch_threads(threads), preserved_state(collection), moved_to(collection, request.device):
+        with torch_threads(threads), preserved_state(collection), moved_to(collection, request.device), \
+                exact_float32(request.device):  # as ONNX Runtime runs (TF32 off): like for like
             return _run(collection, request, named_inputs, work, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
