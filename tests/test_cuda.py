@@ -76,13 +76,20 @@ def test_deploy_on_cuda_judges_candidates_with_per_class_metric_states(tmp_path)
     assert drops and all(abs(drop) < 1e-6 for drop in drops.values())  # the same predictions as eager
 
 
+def _tf32_settings() -> tuple[object, ...]:
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    if hasattr(conv, "fp32_precision"):  # torch >= 2.9 (the legacy flags raise once these were set)
+        return conv.fp32_precision, matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+
+
 class _PrecisionRecorder(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.seen: list[bool] = []
+        self.seen: list[tuple[object, ...]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen.append(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+        self.seen.append(_tf32_settings())
         return x * 2
 
 
@@ -93,7 +100,7 @@ def test_benchmark_on_cuda_computes_float32_as_onnxruntime_does():
 
     recorder = _PrecisionRecorder()
     collection = BrickCollection({"double": BrickTrainable(recorder, ["x"], ["y"])})
-    before = torch.backends.cudnn.allow_tf32
+    before = _tf32_settings()
     benchmark(collection, {"x": torch.rand(2, 4)}, device="cuda", backends=["eager"], min_run_time=0.01)
-    assert recorder.seen and not any(recorder.seen)
-    assert torch.backends.cudnn.allow_tf32 == before
+    assert recorder.seen and all(seen in {("ieee", "ieee"), (False, False)} for seen in recorder.seen)
+    assert _tf32_settings() == before
