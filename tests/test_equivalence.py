@@ -1,8 +1,8 @@
 """Randomly generated valid collections: eager == StageModule (== torch.compile on a sample), per stage.
 
 Collections are random DAGs (built in a hidden order, declared shuffled), with random alive stages that
-keep every stage valid, random bindings (positional, keyword, "all", the stage constant) and random
-output selections.
+keep every stage valid, random bindings (positional, keyword, "all", the stage constant), single outputs
+returned alone or as a tuple of one, and random output selections.
 """
 
 from __future__ import annotations
@@ -17,23 +17,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from torchbricks_fx import BrickCollection, BrickModule, Stage, compile_stage
+from torchbricks_fx import BrickCollection, BrickInterface, BrickModule, BrickOutputError, Stage, compile_stage
+from torchbricks_fx.compile_options import CompileOptions
 
 WIDTH = 4
 
 
 class Mix(nn.Module):
-    """Weighted sum of its inputs, then ``n_outputs`` different views; uses the stage when given one."""
+    """Weighted sum of its inputs, then ``n_outputs`` different views; uses the stage when given one.  One
+    output is returned alone, or (``as_tuple``) as a tuple of one."""
 
-    def __init__(self, n_inputs: int, n_outputs: int) -> None:
+    def __init__(self, n_inputs: int, n_outputs: int, as_tuple: bool = False) -> None:
         super().__init__()
         self.weights = nn.Parameter(torch.randn(n_inputs, WIDTH))
         self.n_outputs = n_outputs
+        self.as_tuple = as_tuple
 
     def mix(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...] | torch.Tensor:
         total = sum(x * w for x, w in zip(xs, self.weights, strict=True))
         outputs = tuple(torch.tanh(total + i) for i in range(self.n_outputs))
-        return outputs if self.n_outputs > 1 else outputs[0]
+        return outputs if self.n_outputs > 1 or self.as_tuple else outputs[0]
 
 
 class PositionalMix(Mix):
@@ -86,15 +89,16 @@ def random_cases(draw) -> RandomCase:
         inputs = rng.sample(sorted(available), k=rng.randint(1, min(3, len(available))))
         stages = frozenset.intersection(*(available[name] for name in inputs))
         alive = frozenset(s for s in stages if rng.random() < 0.8)
+        as_tuple = rng.random() < 0.25
         if kind == "keyword":
-            brick = BrickModule(KeywordMix(len(inputs), n_outputs),
+            brick = BrickModule(KeywordMix(len(inputs), n_outputs, as_tuple),
                                 input_names={f"arg{i}": name for i, name in enumerate(inputs)},
                                 output_names=outputs, alive_stages=alive)
         elif kind == "stage":
-            brick = BrickModule(StagedMix(len(inputs), n_outputs), input_names=[*inputs, "stage"],
+            brick = BrickModule(StagedMix(len(inputs), n_outputs, as_tuple), input_names=[*inputs, "stage"],
                                 output_names=outputs, alive_stages=alive)
         else:
-            brick = BrickModule(PositionalMix(len(inputs), n_outputs), input_names=inputs,
+            brick = BrickModule(PositionalMix(len(inputs), n_outputs, as_tuple), input_names=inputs,
                                 output_names=outputs, alive_stages=alive)
         bricks.append((f"brick_{index}", brick))
         for output in outputs:
@@ -174,3 +178,80 @@ def test_random_collections_torch_compile_equals_eager(case: RandomCase, stage: 
     compiled = torch.compile(compile_stage(case.collection, stage))
     for name, value in compiled(named_inputs).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- hand-written cases
+class Thrice(nn.Module):
+    """Returns its one output as a tuple of one, as torchbricks accepted."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x * 3,)
+
+
+class SeedPair(BrickInterface):
+    """A seed-era brick whose one output is a tuple of two tensors."""
+
+    def __init__(self) -> None:
+        super().__init__(input_names=["y"], output_names=["pair"])
+
+    def forward(self, named_inputs: dict, stage: Stage) -> dict:
+        return {"pair": (named_inputs["y"], named_inputs["y"] * 2)}
+
+
+def tuple_of_one_collection() -> BrickCollection:
+    return BrickCollection({
+        "thrice": BrickModule(Thrice(), input_names=["x"], output_names=["y"]),  # read by the next bricks
+        "linear": BrickModule(nn.Linear(WIDTH, WIDTH), input_names=["y"], output_names=["z"]),
+        "last": BrickModule(Thrice(), input_names=["z"], output_names=["w"]),  # a graph output
+        "pair": SeedPair(),
+    })
+
+
+def assert_tuple_of_one_outputs(outputs: dict, x: torch.Tensor, linear: nn.Module) -> None:
+    y = x * 3
+    assert isinstance(outputs["y"], torch.Tensor) and isinstance(outputs["w"], torch.Tensor)
+    torch.testing.assert_close(outputs["w"], linear(y) * 3)
+    assert isinstance(outputs["pair"], tuple) and len(outputs["pair"]) == 2
+    torch.testing.assert_close(outputs["pair"][1], y * 2)
+
+
+@pytest.mark.parametrize("stage", [Stage.TRAIN, Stage.INFERENCE])
+def test_a_tuple_of_one_is_unpacked_eagerly_and_in_stage_modules(stage):
+    collection = tuple_of_one_collection()
+    linear = collection["linear"].model
+    x = torch.randn(3, WIDTH)
+    assert_tuple_of_one_outputs(collection({"x": x}, stage), x, linear)
+    stage_module = compile_stage(collection, stage)
+    for _ in range(2):  # the first call checks arities, later ones run the graph directly
+        assert_tuple_of_one_outputs(stage_module({"x": x}), x, linear)
+    torch._dynamo.reset()
+    traced = torch.compile(compile_stage(collection, stage), backend="eager", fullgraph=True)  # traced first
+    assert_tuple_of_one_outputs(traced({"x": x}), x, linear)
+
+
+@pytest.mark.slow
+def test_a_tuple_of_one_is_unpacked_in_a_fast_stage():
+    torch._dynamo.reset()
+    collection = tuple_of_one_collection()
+    x = torch.randn(3, WIDTH)
+    fast = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(freeze=False))
+    for _ in range(2):
+        assert_tuple_of_one_outputs(fast({"x": x}), x, collection["linear"].model)
+
+
+def test_a_brick_without_output_names_must_return_none():
+    x = torch.ones(1, 2)
+    returns = BrickCollection({"head": BrickModule(nn.Linear(2, 3), input_names=["x"], output_names=[])})
+    message = r"Brick 'head' returned one Tensor but declares no output names"
+    with pytest.raises(BrickOutputError, match=message):
+        returns({"x": x}, Stage.INFERENCE)
+    with pytest.raises(BrickOutputError, match=message):
+        compile_stage(returns, Stage.INFERENCE)({"x": x})
+    torch._dynamo.reset()
+    with pytest.raises(BrickOutputError, match=message):
+        torch.compile(compile_stage(returns, Stage.INFERENCE), backend="eager")({"x": x})
+    seen: list[torch.Tensor] = []
+    side_effect = BrickCollection({"log": BrickModule(seen.append, input_names=["x"], output_names=[])})
+    assert side_effect({"x": x}, Stage.INFERENCE).keys() == {"x"}
+    assert compile_stage(side_effect, Stage.INFERENCE)({"x": x}) == {}
+    assert len(seen) == 2

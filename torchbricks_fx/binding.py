@@ -89,23 +89,29 @@ def returns_declared_arity(result: Any, output_names: tuple[str, ...]) -> bool:
     on Python structure alone (under Dynamo, while tracing)."""
     n_names = len(output_names)
     if n_names == 1:
-        return not isinstance(result, tuple)
-    return n_names == 0 or (isinstance(result, (tuple, list)) and len(result) == n_names)
+        return not isinstance(result, tuple) or len(result) == 1
+    return (n_names == 0 and result is None) or (isinstance(result, (tuple, list)) and len(result) == n_names)
 
 
 def name_outputs(brick_name: str, result: Any, output_names: tuple[str, ...]) -> tuple[Any, ...]:
-    """Checks a brick's return value against its output names and returns one value per name."""
+    """Checks a brick's return value against its output names and returns one value per name: a tuple is
+    unpacked (a tuple of one too), anything else is one value; a brick without output names returns ``None``."""
     n_names = len(output_names)
     if n_names == 1:
-        if isinstance(result, tuple):
-            raise BrickOutputError(f"Brick {brick_name!r} returned a tuple of {len(result)} values but declares one "
-                                   f"output name {list(output_names)}; give one name per returned value.")
-        return (result,)
-    if n_names == 0:
+        if not isinstance(result, tuple):
+            return (result,)
+        if len(result) == 1:
+            return result
+        raise BrickOutputError(f"Brick {brick_name!r} returned a tuple of {len(result)} values but declares one "
+                               f"output name {list(output_names)}; give one name per returned value.")
+    if n_names == 0 and result is None:
         return ()
     if not isinstance(result, (tuple, list)) or len(result) != n_names:
         got = f"a {type(result).__name__} of {len(result)} values" if isinstance(result, (tuple, list)) \
             else f"one {type(result).__name__}"
+        if n_names == 0:
+            raise BrickOutputError(f"Brick {brick_name!r} returned {got} but declares no output names; name what "
+                                   f"it returns in output_names, or return None.")
         raise BrickOutputError(f"Brick {brick_name!r} returned {got} but declares {n_names} output names "
                                f"{list(output_names)}; return a tuple with one value per name.")
     return tuple(result)

@@ -73,11 +73,13 @@ class Brick(PlanMember):
     """Base class: a module with input names, output names and alive stages.
 
     Subclasses say what runs (``graph_module``, ``stage_callable``) and whether they must run even when
-    nothing reads their outputs (``has_side_effects``).
+    nothing reads their outputs (``has_side_effects``).  ``returns_tuple`` says that the graph module always
+    returns a tuple of one value per output name, also for one name: a compiled stage unpacks it then.
     """
 
     has_side_effects: ClassVar[bool] = False
     runs_in_graph: ClassVar[bool] = True
+    returns_tuple: ClassVar[bool] = False
 
     def __init__(self, input_names: InputNames, output_names: list[str],
                  alive_stages: str | Iterable[Stage | str] | None = "all",
@@ -341,7 +343,8 @@ class BrickMetricSingle(BrickMetrics):
 
 class _SeedBrickCall(nn.Module):
     """Calls a seed-style brick's ``forward(named_inputs, stage) -> {output name: value}`` with the values
-    its binding passes, and returns its outputs in ``output_names`` order (one value or a tuple)."""
+    its binding passes, and returns its outputs as a tuple in ``output_names`` order (also one output: its value
+    may be a tuple itself)."""
 
     def __init__(self, brick: BrickInterface, stage: Stage) -> None:
         super().__init__()
@@ -349,7 +352,8 @@ class _SeedBrickCall(nn.Module):
         self.stage = stage
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        names = self.brick.input_names
+        # The stored names, not the properties' watched copies: Dynamo cannot build those in a traced graph.
+        names = self.brick._input_names
         if names == "all":
             named_inputs = dict(args[0])
         elif isinstance(names, dict):
@@ -357,14 +361,15 @@ class _SeedBrickCall(nn.Module):
         else:
             named_inputs = dict(zip(names, args, strict=True))
         outputs = self.brick.forward(named_inputs, self.stage)
-        values = tuple(outputs[name] for name in self.brick.output_names)
-        return values[0] if len(values) == 1 else values
+        return tuple(outputs[name] for name in self.brick._output_names)
 
 
 class BrickInterface(Brick):
     """The base class of seed-era torchbricks (0.0.9): subclasses implement ``forward(named_inputs, stage)``
     returning ``{output name: value}``; ``named_inputs`` holds the values named in ``input_names``.  Such a
     brick runs in collections and compiled stages like any other (one graph node)."""
+
+    returns_tuple = True
 
     def graph_module(self, stage: Stage) -> nn.Module:
         return _SeedBrickCall(self, stage)

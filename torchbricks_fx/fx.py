@@ -16,6 +16,7 @@ Node metadata (``node.meta``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import keyword
 import operator
 import re
@@ -102,9 +103,10 @@ def build_graph_module(bound: BoundStage) -> tuple[torch.fx.GraphModule, tuple[s
             node = graph.call_module(target, args, kwargs)
         node.meta[META_BRICK] = step.name
         node.meta[META_OUTPUTS] = step.outputs
-        if len(step.outputs) == 1:
+        unpacked = len(step.outputs) > 1 or bound.bricks[step.name].returns_tuple
+        if len(step.outputs) == 1 and not unpacked:
             env[step.outputs[0]] = node
-        for index, output in enumerate(step.outputs if len(step.outputs) > 1 else ()):
+        for index, output in enumerate(step.outputs if unpacked else ()):
             env[output] = graph.create_node("call_function", operator.getitem, (node, index),
                                             name=identifier(output, taken))
             env[output].meta[META_VALUE] = output
@@ -129,12 +131,14 @@ def _drop_unused_getitems(graph: torch.fx.Graph) -> None:
 
 class _ArityCheck(torch.fx.Interpreter):
     """Runs the graph once, checking every brick's return value against its output names (a single-output
-    brick is one node, so a wrong tuple would otherwise flow on silently)."""
+    brick is one node, so a wrong tuple would otherwise flow on silently).  A single-output brick that returned
+    a tuple of one passes its item on, and is listed in ``tuples_of_one``."""
 
     def __init__(self, graph_module: torch.fx.GraphModule) -> None:
         super().__init__(graph_module)
         # torch's default rewrites the brick's error: torch.fx text appended, a KeyError made a RuntimeError.
         self.extra_traceback = False
+        self.tuples_of_one: list[torch.fx.Node] = []
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
@@ -144,8 +148,24 @@ class _ArityCheck(torch.fx.Interpreter):
                 add_brick_note(error, n.meta[META_BRICK])
             raise
         if META_BRICK in n.meta:
-            name_outputs(n.meta[META_BRICK], result, n.meta[META_OUTPUTS])
+            values = name_outputs(n.meta[META_BRICK], result, n.meta[META_OUTPUTS])
+            unpacked = any(user.target is operator.getitem for user in n.users)  # a seed brick's tuple
+            if len(values) == 1 and isinstance(result, tuple) and n.users and not unpacked:
+                self.tuples_of_one.append(n)
+                return values[0]
         return result
+
+
+def _unpack_tuples_of_one(graph_module: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> None:
+    """Gives single-output bricks that return a tuple of one a ``getitem`` node, as tuple outputs have."""
+    graph = graph_module.graph
+    for node in nodes:
+        with graph.inserting_after(node):
+            item = graph.call_function(operator.getitem, (node, 0))
+        item.meta[META_VALUE] = node.meta[META_OUTPUTS][0]
+        node.replace_all_uses_with(item, delete_user_cb=functools.partial(operator.is_not, item))
+    graph.lint()
+    graph_module.recompile()
 
 
 def raising_brick(graph_module: torch.fx.GraphModule, error: BaseException,
@@ -283,16 +303,18 @@ class StageModule(nn.Module):
         """The first call checks every brick's output arity (then calls run the graph directly)."""
         if torch.compiler.is_compiling():  # the user's torch.compile traces the stage
             return self._traced_first_run(args)
+        check = _ArityCheck(self.graph_module)
         if self.compile_options is None:
-            results = _ArityCheck(self.graph_module).run(*args)
-            self._arity_checked = True
-            return results
-        # A compiled stage checks eagerly (restoring what the check moved), then its first call compiles, as a
-        # warm-up expects.
-        with preserved_state(self.graph_module), forked_rng(args), torch.no_grad():
-            _ArityCheck(self.graph_module).run(*args)  # draws no random numbers the real call would
+            results = check.run(*args)
+        else:  # A compiled stage checks eagerly (restoring what the check moved), then its first call compiles,
+            # as a warm-up expects.
+            with preserved_state(self.graph_module), forked_rng(args), torch.no_grad():
+                check.run(*args)  # draws no random numbers the real call would
+        if check.tuples_of_one:  # the graph unpacks them from now on (later calls run it directly)
+            _unpack_tuples_of_one(self.graph_module, check.tuples_of_one)
+            self._bind_own_forward()
         self._arity_checked = True
-        return self._graph_forward(*args)
+        return results if self.compile_options is None else self._graph_forward(*args)
 
     def _traced_first_run(self, args: Sequence[Any]) -> tuple[Any, ...]:
         """The model steps as Dynamo traces them before any eager call: each brick's return value is checked
@@ -305,9 +327,9 @@ class StageModule(nn.Module):
             result = step.fn(*step_args, **kwargs)
             if not returns_declared_arity(result, step.outputs):
                 torch.compiler.disable(name_outputs)(step.name, result, step.outputs)  # raises
-            if len(step.outputs) == 1:
-                values[step.outputs[0]] = result
-            elif step.outputs:  # a brick without outputs may return anything
+            if len(step.outputs) == 1:  # a tuple here is a tuple of one (checked above)
+                values[step.outputs[0]] = result[0] if isinstance(result, tuple) else result
+            elif step.outputs:
                 values.update(zip(step.outputs, result, strict=True))
         return tuple(values[name] for name in self.graph_output_names)
 

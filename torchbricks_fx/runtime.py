@@ -258,7 +258,7 @@ def run_steps(steps: Sequence[BoundStep], values: dict[str, Any]) -> None:
                 values[outputs[0]] = result
             elif step.returns_dict:
                 values.update(zip(outputs, [result[key] for key in step.result_keys], strict=True))
-            elif outputs:
+            else:  # also a brick without outputs: it must return None
                 values.update(zip(outputs, name_outputs(step.name, result, outputs), strict=True))
     except Exception as error:
         if step is not None and not isinstance(error, BrickError):
