@@ -229,6 +229,28 @@ def test_a_tuple_of_one_is_unpacked_eagerly_and_in_stage_modules(stage):
     assert_tuple_of_one_outputs(traced({"x": x}), x, linear)
 
 
+def test_a_stage_with_tuples_of_one_exports_to_onnx(tmp_path):
+    from torchbricks_fx import export_onnx
+
+    collection = BrickCollection({name: collection_brick for name, collection_brick in
+                                  tuple_of_one_collection().items() if name != "pair"})  # ONNX: tensors only
+    report = export_onnx(collection, tmp_path / "m.onnx", {"x": torch.randn(2, WIDTH)})
+    assert report.verified and report.output_names == ("y", "z", "w")
+
+
+def test_an_all_brick_may_change_the_dict_it_receives():
+    def pop_x(values: dict) -> torch.Tensor:
+        return values.pop("x") * 2
+
+    collection = BrickCollection({"copy": BrickModule(nn.Identity(), input_names=["x"], output_names=["y"]),
+                                  "all": BrickModule(pop_x, input_names="all", output_names=["z"])})
+    x = torch.ones(2)
+    expected = collection({"x": x}, Stage.INFERENCE)
+    stage_module = compile_stage(collection, Stage.INFERENCE)
+    for _ in range(2):  # the first call runs the arity check, which handed the dict over read-only
+        torch.testing.assert_close(stage_module({"x": x})["z"], expected["z"])
+
+
 @pytest.mark.slow
 def test_a_tuple_of_one_is_unpacked_in_a_fast_stage():
     torch._dynamo.reset()

@@ -4,19 +4,12 @@ The graph is written directly from the plan instead of being traced: bricks stay
 Python inside them (control flow, asserts) is fine, and ``torch.compile`` / ``torch.export`` trace inside
 them later.  Node arguments come from the same :meth:`Binding.arguments` the eager runtime uses.  Metric
 bricks stay out of the graph (they are stateful); :class:`StageModule` updates them eagerly on the graph's
-outputs.
-
-Node metadata (``node.meta``):
-
-* ``"torchbricks_fx.brick"``: the user's brick name of a brick node;
-* ``"torchbricks_fx.outputs"``: that brick's output value names (arity is checked on the first call);
-* ``"torchbricks_fx.value"``: the user's value name of a placeholder or ``getitem`` node.
+outputs.  Node metadata and the first call's output arity check are in :mod:`torchbricks_fx.arity`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import keyword
 import operator
 import re
@@ -28,6 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from torchbricks_fx.arity import META_BRICK, META_OUTPUTS, META_VALUE, ArityCheck, unpack_tuples_of_one
 from torchbricks_fx.binding import STAGE_INPUT, name_outputs, returns_declared_arity
 from torchbricks_fx.brick import call_without_grad
 from torchbricks_fx.errors import BrickError
@@ -54,9 +48,6 @@ __all__ = ["META_BRICK", "META_OUTPUTS", "META_VALUE", "StageModule", "build_gra
 # On every call: one lookup less each.
 _is_grad_enabled = torch.is_grad_enabled
 
-META_BRICK = "torchbricks_fx.brick"
-META_OUTPUTS = "torchbricks_fx.outputs"
-META_VALUE = "torchbricks_fx.value"
 
 
 def identifier(name: str, taken: set[str]) -> str:
@@ -127,45 +118,6 @@ def _drop_unused_getitems(graph: torch.fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is operator.getitem and not node.users:
             graph.erase_node(node)
-
-
-class _ArityCheck(torch.fx.Interpreter):
-    """Runs the graph once, checking every brick's return value against its output names (a single-output
-    brick is one node, so a wrong tuple would otherwise flow on silently).  A single-output brick that returned
-    a tuple of one passes its item on, and is listed in ``tuples_of_one``."""
-
-    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
-        super().__init__(graph_module)
-        # torch's default rewrites the brick's error: torch.fx text appended, a KeyError made a RuntimeError.
-        self.extra_traceback = False
-        self.tuples_of_one: list[torch.fx.Node] = []
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as error:
-            if META_BRICK in n.meta and not isinstance(error, BrickError):
-                add_brick_note(error, n.meta[META_BRICK])
-            raise
-        if META_BRICK in n.meta:
-            values = name_outputs(n.meta[META_BRICK], result, n.meta[META_OUTPUTS])
-            unpacked = any(user.target is operator.getitem for user in n.users)  # a seed brick's tuple
-            if len(values) == 1 and isinstance(result, tuple) and n.users and not unpacked:
-                self.tuples_of_one.append(n)
-                return values[0]
-        return result
-
-
-def _unpack_tuples_of_one(graph_module: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> None:
-    """Gives single-output bricks that return a tuple of one a ``getitem`` node, as tuple outputs have."""
-    graph = graph_module.graph
-    for node in nodes:
-        with graph.inserting_after(node):
-            item = graph.call_function(operator.getitem, (node, 0))
-        item.meta[META_VALUE] = node.meta[META_OUTPUTS][0]
-        node.replace_all_uses_with(item, delete_user_cb=functools.partial(operator.is_not, item))
-    graph.lint()
-    graph_module.recompile()
 
 
 def raising_brick(graph_module: torch.fx.GraphModule, error: BaseException,
@@ -303,7 +255,7 @@ class StageModule(nn.Module):
         """The first call checks every brick's output arity (then calls run the graph directly)."""
         if torch.compiler.is_compiling():  # the user's torch.compile traces the stage
             return self._traced_first_run(args)
-        check = _ArityCheck(self.graph_module)
+        check = ArityCheck(self.graph_module)
         if self.compile_options is None:
             results = check.run(*args)
         else:  # A compiled stage checks eagerly (restoring what the check moved), then its first call compiles,
@@ -311,7 +263,7 @@ class StageModule(nn.Module):
             with preserved_state(self.graph_module), forked_rng(args), torch.no_grad():
                 check.run(*args)  # draws no random numbers the real call would
         if check.tuples_of_one:  # the graph unpacks them from now on (later calls run it directly)
-            _unpack_tuples_of_one(self.graph_module, check.tuples_of_one)
+            unpack_tuples_of_one(self.graph_module, check.tuples_of_one)
             self._bind_own_forward()
         self._arity_checked = True
         return results if self.compile_options is None else self._graph_forward(*args)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from torchbricks_fx.arity import check_arity
 from torchbricks_fx.errors import BrickExportError, error_summary
 from torchbricks_fx.export.localize import (
     SPECIALIZED_HINT,
@@ -143,6 +144,8 @@ def run_export(exporter: Exporter, collection: BrickCollection, path: str | os.P
     with kept:
         values = eager_values(target, args)  # before exporting: eager errors are the user's; localizing needs them
         eager_outputs(target, values)  # non-tensor outputs are refused before an exporter misreports them
+        with target.bound.modes(grad=False):
+            check_arity(target.graph_module, args)  # a brick's tuple of one gets its getitem before tracing
         with staged_file(path, overwrite, BrickExportError, exporter.sidecars(path)) as staged:
             start = time.perf_counter()
             try:
