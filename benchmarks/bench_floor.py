@@ -12,7 +12,11 @@ multitask.  This script measures whether float32 arithmetic on this machine allo
    The floor ignores activations and every other op, so no float32 implementation on this core can beat
    it (unless it keeps weights in cache between calls, which matters for resnet18's last layers only).
    Set beside hand-written eager (best of interleaved rounds) and the compiled stage
-   (``compile_stage(..., compile=True)``).
+   (``compile_stage(..., compile=True)``), with the share of the compiled stage's time spent inside oneDNN
+   and MKL kernels (``torch.profiler``).
+4. The slowest layer bound by weight bytes, run through every float32 kernel torch offers for it, with its
+   weights cold (cycling through copies that overflow the last-level cache, as they are in a call of the
+   whole model when its weights exceed that cache): how fast any of them reads the weights.
 
     python benchmarks/bench_floor.py --markdown benchmarks/results/floor.md
 """
@@ -23,11 +27,13 @@ import argparse
 import dataclasses
 import functools
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Timer
 
@@ -65,6 +71,17 @@ class Layer:
     def floor_seconds(self, machine: Machine) -> float:
         return max(2 * self.macs / (machine.peak_gflops * 1e9), self.weight_bytes / (machine.bandwidth_gbs * 1e9))
 
+    def bound_by_weights(self, machine: Machine) -> bool:
+        return self.weight_bytes / (machine.bandwidth_gbs * 1e9) > 2 * self.macs / (machine.peak_gflops * 1e9)
+
+
+@dataclass(frozen=True)
+class WeightBoundLayer:
+    description: str
+    weight_bytes: int
+    seconds: dict[str, float]  # kernel -> seconds per call, weights cold
+    streaming_seconds: float  # reading the same bytes with sum
+
 
 @dataclass(frozen=True)
 class WorkloadFloor:
@@ -73,6 +90,8 @@ class WorkloadFloor:
     eager_seconds: float
     compiled_seconds: float
     compiled_choice: str
+    kernel_share: float  # of a compiled call's time, inside oneDNN and MKL kernels (profiled)
+    weight_bound: WeightBoundLayer | None
 
     def floor_seconds(self, machine: Machine) -> float:
         return sum(layer.floor_seconds(machine) for layer in self.layers)
@@ -124,7 +143,8 @@ def _macs(module: nn.Module, output: torch.Tensor) -> int:
     return output.numel() * module.in_features
 
 
-def measure_layers(hand_written: nn.Module, args: list[torch.Tensor], min_run_time: float) -> tuple[Layer, ...]:
+def layer_calls(hand_written: nn.Module, args: list[torch.Tensor]) -> list[tuple[nn.Module, torch.Size, torch.Tensor]]:
+    """Every convolution and linear layer one call of ``hand_written`` runs: (layer, input shape, output)."""
     calls: list[tuple[nn.Module, torch.Size, torch.Tensor]] = []
     hooks = [module.register_forward_hook(lambda m, inputs, output: calls.append((m, inputs[0].shape, output)))
              for module in hand_written.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
@@ -134,17 +154,86 @@ def measure_layers(hand_written: nn.Module, args: list[torch.Tensor], min_run_ti
     finally:
         for hook in hooks:
             hook.remove()
+    return calls
+
+
+def measure_layers(calls: list[tuple[nn.Module, torch.Size, torch.Tensor]], min_run_time: float) -> tuple[Layer, ...]:
     layers = []
     for module, shape, output in calls:
         sample = torch.randn(shape)
         with torch.no_grad():
             alone = median_seconds(functools.partial(module, sample), min_run_time)
-        weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-        layers.append(Layer(_describe(module, shape), _macs(module, output), weight_bytes, alone))
+        layers.append(Layer(_describe(module, shape), _macs(module, output), _weight_bytes(module), alone))
     return tuple(layers)
 
 
-def measure_workload(workload: Workload, rounds: int, min_run_time: float) -> WorkloadFloor:
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs; 32 MB where it cannot be read)."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in "KM":
+            sizes.append(int(text[:-1]) * (1024 if text[-1] == "K" else 1024**2))
+    return max(sizes, default=32 * 1024**2)
+
+
+def measure_weight_bound(conv: nn.Conv2d, shape: torch.Size, min_run_time: float) -> WeightBoundLayer:
+    """``conv`` through each float32 kernel torch has for it, on copies of its weights that overflow the
+    last-level cache three times, so that every call reads its weights from memory."""
+    weight_bytes = _weight_bytes(conv)
+    copies = max(2, -(-3 * last_level_cache_bytes() // weight_bytes))
+    weights = [torch.randn_like(conv.weight) for _ in range(copies)]
+    bias = torch.zeros(conv.out_channels)
+    image = torch.randn(shape)
+    padding = tuple(conv.padding) if isinstance(conv.padding, tuple) else conv.padding  # 'same' / 'valid'
+    if isinstance(padding, str):
+        raise ValueError(f"padding={padding!r}: give {conv} its padding in pixels")
+    geometry = (list(padding), list(conv.stride), list(conv.dilation), conv.groups)
+    # As a frozen Inductor graph runs it: weights reordered once for oneDNN, activations channels-last.
+    packed = [torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(shape)) for w in weights]
+    channels_last = image.contiguous(memory_format=torch.channels_last)
+    # The same product as a matrix product over the unfolded input: rows = batch x output pixels.
+    columns = F.unfold(image, conv.kernel_size, conv.dilation, padding, conv.stride)
+    rows = columns.transpose(1, 2).reshape(-1, columns.shape[1]).contiguous()
+    matrices = [w.reshape(conv.out_channels, -1) for w in weights]
+    kernels: dict[str, Callable[[], object]] = {
+        "oneDNN, weights prepacked (the frozen stage's kernel)": lambda: [
+            torch.ops.mkldnn._convolution_pointwise(channels_last, w, bias, *geometry, "none", [], "")
+            for w in packed],
+        "oneDNN as eager runs it (weights reordered per call)": lambda: [
+            F.conv2d(image, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups) for w in weights],
+        "BLAS matrix product on the unfolded input": lambda: [F.linear(rows, m, bias) for m in matrices],
+    }
+    if torch.backends.mkl.is_available():
+        count = rows.shape[0]
+        mkl_packed = [(torch.ops.mkl._mkl_reorder_linear_weight(m, count), m) for m in matrices]
+        kernels["MKL, weights prepacked, on the unfolded input"] = lambda: [
+            torch.ops.mkl._mkl_linear(rows, p, m, bias, count) for p, m in mkl_packed]
+    with torch.no_grad():
+        seconds = {name: median_seconds(kernel, min_run_time) / copies for name, kernel in kernels.items()}
+    streaming = median_seconds(lambda: [w.sum() for w in weights], min_run_time) / copies
+    return WeightBoundLayer(_describe(conv, shape), weight_bytes, seconds, streaming)
+
+
+def measure_kernel_share(call: Callable[[], object], calls: int = 20) -> float:
+    """The share of ``call``'s time spent inside oneDNN and MKL kernels (their self time under the
+    profiler, over the profiled calls' wall time)."""
+    call()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        wall = time.perf_counter() - start
+    inside = sum(event.self_cpu_time_total for event in profile.key_averages()
+                 if event.key.startswith(("mkldnn::", "mkl::")))
+    return inside / 1e6 / wall
+
+
+def measure_workload(workload: Workload, machine: Machine, rounds: int, min_run_time: float) -> WorkloadFloor:
     args = [workload.named_inputs[name] for name in workload.input_names]
     hand_written, named_inputs = workload.hand_written, workload.named_inputs
     workload.collection.eval()
@@ -160,9 +249,26 @@ def measure_workload(workload: Workload, rounds: int, min_run_time: float) -> Wo
     for _ in range(rounds):
         eager_times.append(median_seconds(eager, min_run_time))
         compiled_times.append(median_seconds(lambda: stage(named_inputs), min_run_time))
-    layers = measure_layers(hand_written, args, min_run_time / 3)
+    calls = layer_calls(hand_written, args)
+    layers = measure_layers(calls, min_run_time / 3)
     choice = stage.compiled.choice if stage.compiled is not None else None
-    return WorkloadFloor(workload.name, layers, min(eager_times), min(compiled_times), str(choice))
+    kernel_share = measure_kernel_share(lambda: stage(named_inputs))
+    return WorkloadFloor(workload.name, layers, min(eager_times), min(compiled_times), str(choice), kernel_share,
+                         _weight_bound(calls, layers, machine, min_run_time))
+
+
+def _weight_bound(calls: list[tuple[nn.Module, torch.Size, torch.Tensor]], layers: tuple[Layer, ...],
+                  machine: Machine, min_run_time: float) -> WeightBoundLayer | None:
+    """The slowest convolution that reads more weight bytes than its arithmetic needs time for, when the
+    model's weights overflow the last-level cache (else they stay in cache between calls)."""
+    if sum(layer.weight_bytes for layer in layers) <= last_level_cache_bytes():
+        return None
+    bound = [(layer.alone_seconds, module, shape) for (module, shape, _), layer in zip(calls, layers, strict=True)
+             if isinstance(module, nn.Conv2d) and layer.bound_by_weights(machine)]
+    if not bound:
+        return None
+    _, conv, shape = max(bound, key=lambda item: item[0])
+    return measure_weight_bound(conv, shape, min_run_time)
 
 
 def _grouped(layers: tuple[Layer, ...]) -> list[tuple[Layer, int]]:
@@ -182,9 +288,10 @@ def render(machine: Machine, results: list[WorkloadFloor]) -> str:
              "convolution and linear layers of max(FLOPs / peak, weight bytes / bandwidth); it leaves out "
              "activations and every other op. Times are the best of interleaved rounds; layers alone run "
              "through oneDNN as eager runs them (weights reordered on each call).", "",
-             "| workload | conv + linear GFLOP | hand-written eager (ms) | compiled stage (ms) | largest layer "
-             "alone (ms) | floor (ms) | 0.6x needs | 0.6x within the floor? |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| workload | conv + linear GFLOP | hand-written eager (ms) | compiled stage (ms) | of its time, in "
+             "oneDNN and MKL kernels (profiled) | largest layer alone (ms) | floor (ms) | 0.6x needs | 0.6x within "
+             "the floor? |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for result in results:
         eager, floor, largest = result.eager_seconds, result.floor_seconds(machine), result.largest
         needs = result.gflop / (TARGET * eager)
@@ -192,6 +299,7 @@ def render(machine: Machine, results: list[WorkloadFloor]) -> str:
         lines.append(
             f"| {result.name} | {result.gflop:.3f} | {eager * 1e3:.2f} (1.00x) | {result.compiled_seconds * 1e3:.2f} "
             f"({result.compiled_seconds / eager:.2f}x, {result.compiled_choice}) | "
+            f"{result.kernel_share:.0%} | "
             f"{largest.alone_seconds * 1e3:.2f} ({largest.alone_seconds / eager:.2f}x: {largest.description}) | "
             f"{floor * 1e3:.2f} ({floor / eager:.2f}x) | {needs:.0f} GFLOP/s sustained | {verdict} |")
     for result in results:
@@ -200,13 +308,28 @@ def render(machine: Machine, results: list[WorkloadFloor]) -> str:
                   "| layer | count | MFLOP each | weights (MB) | alone (us) | GFLOP/s | floor (us) | bound by |",
                   "|---|---:|---:|---:|---:|---:|---:|---|"]
         for layer, count in _grouped(result.layers):
-            compute = 2 * layer.macs / (machine.peak_gflops * 1e9)
-            bound = "arithmetic" if compute >= layer.weight_bytes / (machine.bandwidth_gbs * 1e9) else "weight bytes"
+            bound = "weight bytes" if layer.bound_by_weights(machine) else "arithmetic"
             lines.append(f"| {layer.description} | {count} | {2 * layer.macs / 1e6:.1f} | "
                          f"{layer.weight_bytes / 1e6:.2f} | {layer.alone_seconds * 1e6:.0f} | "
                          f"{layer.gflops:.0f} | "
                          f"{layer.floor_seconds(machine) * 1e6:.0f} | {bound} |")
+    for result in results:
+        if result.weight_bound is not None:
+            lines += ["", *_render_weight_bound(result.name, result.weight_bound)]
     return "\n".join(lines) + "\n"
+
+
+def _render_weight_bound(name: str, layer: WeightBoundLayer) -> list[str]:
+    lines = [f"{name}'s slowest weight-bound layer, {layer.description} ({layer.weight_bytes / 1e6:.2f} MB of "
+             f"weights), through each float32 kernel torch has for it, weights cold (read from memory on every "
+             f"call, as in a call of the whole model, whose weights overflow the last-level cache); reading the "
+             f"same bytes with `sum` takes {layer.streaming_seconds * 1e6:.0f} us "
+             f"({layer.weight_bytes / layer.streaming_seconds / 1e9:.1f} GB/s):", "",
+             "| kernel | us per call | weights read at (GB/s) | vs reading them with `sum` |", "|---|---:|---:|---:|"]
+    for kernel, seconds in sorted(layer.seconds.items(), key=lambda item: item[1]):
+        lines.append(f"| {kernel} | {seconds * 1e6:.0f} | {layer.weight_bytes / seconds / 1e9:.1f} | "
+                     f"{seconds / layer.streaming_seconds:.1f}x |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for workload in build_workloads(["resnet18", "multitask"]):
         print(f"measuring {workload.name} ...", file=sys.stderr, flush=True)
-        results.append(measure_workload(workload, args.rounds, args.min_run_time))
+        results.append(measure_workload(workload, machine, args.rounds, args.min_run_time))
     fastest_layer = max(layer.gflops for result in results for layer in result.layers)
     machine = dataclasses.replace(machine, layer_gflops=fastest_layer)
     report = render(machine, results)
