@@ -193,6 +193,10 @@ def test_resnet_width_is_layer4s_output_even_with_one_block_per_layer_or_a_custo
     brick = resnet_to_brick(custom, input_name="normalized", output_name="features")
     assert brick.model.training  # measuring did not leave it in eval mode
     assert brick.model.n_backbone_features == 96 == brick.model.eval()(images()).shape[1]
+    evaluated = torchvision.models.resnet18().eval()
+    evaluated.layer4[-1] = nn.Sequential(nn.Conv2d(512, 96, 1), nn.ReLU()).eval()
+    resnet_to_brick(evaluated.double(), input_name="normalized", output_name="features")  # measured in float64
+    assert not any(module.training for module in evaluated.modules())  # each module's mode put back
 
 
 def test_resnet_to_brick_shares_the_resnet_weights() -> None:

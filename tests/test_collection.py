@@ -397,3 +397,8 @@ def test_editing_a_metric_bricks_alive_stages_gives_new_stages_their_own_metric(
     assert set(summary) == {"accuracy", "late"}
     assert float(summary["accuracy"]) == float(summary["late"]) == pytest.approx(2 / 3)  # fresh: no validation
     assert float(collection.summarize(Stage.VALIDATION)["accuracy"]) == 0.0
+
+    moved = accuracy_brick("moved", alive_stages="none").to("meta")  # no clone yet: the template moves
+    moved.alive_stages = [Stage.TEST]
+    states = [state for metric in moved.metrics["TEST"].values() for state in metric.metric_state.values()]
+    assert states and {state.device.type for state in states} == {"meta"}

@@ -119,6 +119,16 @@ def test_a_fused_optimizer_step_after_the_last_train_call_is_seen(collection):
     assert_like_eager(inference, collection, images(2))
 
 
+def test_an_optimizer_step_that_changes_none_of_its_weights_recompiles_nothing(collection):
+    """torch's optimizers skip parameters without a gradient (frozen bricks in AdamW(model.parameters()))."""
+    inference = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)
+    assert_like_eager(inference, collection, images(2))
+    compiles = inference.compiled.compiles
+    torch.optim.SGD(collection.parameters(), lr=0.5).step()  # no backward: no gradients
+    assert_like_eager(inference, collection, images(2))
+    assert inference.compiled.compiles == compiles
+
+
 def test_training_another_collection_does_not_refreeze_a_frozen_stage(collection):
     """A fixed teacher's frozen stage beside a student in training: the student's steps are not the
     teacher's changes."""

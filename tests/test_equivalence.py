@@ -259,6 +259,17 @@ def test_a_tuple_of_one_is_unpacked_in_a_fast_stage():
     fast = compile_stage(collection, Stage.INFERENCE, compile=CompileOptions(freeze=False))
     for _ in range(2):
         assert_tuple_of_one_outputs(fast({"x": x}), x, collection["linear"].model)
+    # Warmed up on several sizes with recompiles refused: the first call's unpacking keeps the stage's
+    # compiled graph, which the warm-up holds (each size gets its own graph, later sizes compile nothing).
+    torch._dynamo.reset()
+    strict = compile_stage(collection, Stage.INFERENCE,
+                           compile=CompileOptions(freeze=False, fail_on_recompile=True))
+    compiled = strict.compiled
+    strict.warm_up({"x": x}, batch_sizes=[1, 2])
+    assert strict.compiled is compiled and compiled.batch_sizes == (1, 2)
+    for batch_size in (1, 2, 5):
+        inputs = torch.randn(batch_size, WIDTH)
+        assert_tuple_of_one_outputs(strict({"x": inputs}), inputs, collection["linear"].model)
 
 
 def test_a_brick_without_output_names_must_return_none():

@@ -237,3 +237,28 @@ def test_a_writer_holds_the_lock_of_its_staging_folder_until_it_is_done(tmp_path
     assert not staging.exists()
     assert (tmp_path / "report.md").read_text() == "x"
     assert not list(tmp_path.glob(".*"))  # nothing of the staging is left
+
+
+def test_a_staging_folder_its_writer_could_not_lock_is_judged_by_its_pid(tmp_path, monkeypatch):
+    """Where the writer's lock failed (no flock on that file system, no descriptor left), the folder's lock
+    is free to anyone, so its name says so and the pid decides: a running writer's folder stays."""
+    import subprocess
+
+    from torchbricks_fx import staging
+    from torchbricks_fx.staging import make_staging, release_staging, writer_gone
+
+    monkeypatch.setattr(staging, "_lock", lambda folder: None)
+    made = make_staging(tmp_path / "m.onnx", "tmp")
+    assert made.name.endswith("-unlocked.tmp") and not writer_gone(made, "m.onnx")  # this process runs
+    release_staging(made)
+    monkeypatch.undo()
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        unlocked = tmp_path / f".m.onnx.tbfx-{writer.pid}-0123abcd-unlocked.tmp"
+        unlocked.mkdir()
+        assert not writer_gone(unlocked, "m.onnx")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert writer_gone(unlocked, "m.onnx")

@@ -304,6 +304,11 @@ class BrickMetrics(Brick):
                 clone.reset()
                 metrics[stage.name] = clone
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # The template moves with the brick (.to, .cuda): a stage made alive later gets a clone on its device.
+        self.__dict__["_template"]._apply(fn)
+        return super()._apply(fn, recurse)
+
     def graph_module(self, stage: Stage) -> nn.Module:
         return self.metrics[stage.name]
 

@@ -48,8 +48,8 @@ class BrickCollection(nn.ModuleDict, PlanMember):
 
     ``forward`` executes the stage's bound plan: bricks run in topological order of their names, dead
     bricks are skipped, metric bricks run after the model bricks, and modules run in the stage's mode
-    (TRAIN: train mode with gradients; other stages: eval mode without gradients); the caller's modes are
-    restored afterwards.
+    (TRAIN: train mode with gradients; other stages: eval mode without gradients); after an eval stage the
+    caller's modes are restored (TRAIN leaves train mode).
     """
 
     _bound: dict[tuple[Stage, tuple[str, ...] | None], BoundStage]

@@ -20,7 +20,7 @@ from torchbricks_fx.compile_options import AUTOCAST_DTYPES
 from torchbricks_fx.errors import BrickBackendError, error_summary
 from torchbricks_fx.numerics import difference, tolerance
 from torchbricks_fx.plain_graph import code_copy
-from torchbricks_fx.runtime import count_optimizer_steps, optimizer_steps, resize_batch, watch_module_tree
+from torchbricks_fx.runtime import resize_batch, watch_module_tree, watch_optimizer_steps
 from torchbricks_fx.stage import Stage
 
 __all__ = ["Slot", "Variant", "WeightSlots", "as_float32", "batch_dynamic", "batch_size",
@@ -199,14 +199,16 @@ def as_float32(results: Any) -> Any:
 
 class WeightSlots:
     """Where every parameter and buffer of a graph's modules lives, and :meth:`state`, their versions and
-    storages (with their optimizer steps): a frozen graph's constants are fresh while the state is the
-    one it froze.  Follows the module tree: a layer swapped in after the first call is watched too."""
+    storages (and, with ``watch_steps``, the optimizer steps that changed its parameters): a frozen graph's
+    constants are fresh while the state is the one it froze.  Follows the module tree: a layer swapped in
+    after the first call is watched too."""
 
-    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+    def __init__(self, graph_module: torch.fx.GraphModule, watch_steps: bool = False) -> None:
         self.graph_module = graph_module
+        self.steps = 0
+        self._watch_steps = watch_steps
         self.collect()
         watch_module_tree(self)
-        count_optimizer_steps()
 
     def collect(self, joining: nn.Module | None = None) -> None:
         """Finds the slots again; ``joining`` (a submodule being registered, not attached yet) marks them for
@@ -218,17 +220,19 @@ class WeightSlots:
         self._names = [path for path, _, _ in named]
         self._stale = joining is not None
         self.module_ids = frozenset(map(id, [*modules.values(), *(joining.modules() if joining else ())]))
+        if self._watch_steps:
+            watch_optimizer_steps(self, [p for m in modules.values() for p in m._parameters.values() if p is not None])
 
     walk_modules = collect  # what watch_module_tree calls
 
     def state(self) -> tuple[Any, ...]:
         if self._stale:
             self.collect()
-        return tuple([None if t is None else (t._version, t.data_ptr(), optimizer_steps(t))
-                      for t in [d[name] for d, name in self._slots]])
+        return self.steps, tuple([None if t is None else (t._version, t.data_ptr())
+                                  for t in [d[name] for d, name in self._slots]])
 
     def changed_names(self, before: tuple[Any, ...]) -> list[str]:
-        now = self.state()
-        if len(now) != len(before):
+        now = self.state()[1]
+        if len(now) != len(before[1]):
             return ["(modules were added or replaced)"]
-        return [name for name, old, new in zip(self._names, before, now, strict=True) if old != new]
+        return [name for name, old, new in zip(self._names, before[1], now, strict=True) if old != new]

@@ -82,12 +82,10 @@ class CompiledGraph:
         if options.channels_last:  # the shared modules' 4-D weights, in place (as parameters that can train,
             with torch.inference_mode(False), torch.no_grad():  # also when built under inference_mode)
                 graph_module.to(memory_format=torch.channels_last)
-        self._plain = plain or graph_module.forward  # how the owner runs the plain graph
         self._on_plain = on_plain
-        self._static = Slot(self._make_candidates(dynamic=False))
-        self._dynamic = Slot(self._make_candidates(dynamic=True)) if options.dynamic_batch else None
+        self.rebuild(plain or graph_module.forward)
         self._static_sizes: set[int | None] = set()
-        self._weights = WeightSlots(graph_module)
+        self._weights = WeightSlots(graph_module, watch_steps=not self.training and options.freeze is not False)
         self._weights_state: tuple[Any, ...] | None = None
         self._warm = False
         self._warming = False  # inside warming_up: compiles allowed
@@ -100,6 +98,13 @@ class CompiledGraph:
         self._verified = options.autocast is None
         self.compiles = 0
         self.compile_seconds = 0.0
+
+    def rebuild(self, plain: Callable[..., Any]) -> None:
+        """Makes the candidates from the graph as it is now (``plain`` runs it): the owner edited the graph
+        before the first compile (a brick's tuple of one unpacked), and keeps this object."""
+        self._plain = plain
+        self._static = Slot(self._make_candidates(dynamic=False))
+        self._dynamic = Slot(self._make_candidates(dynamic=True)) if self.options.dynamic_batch else None
 
     def _make_candidates(self, dynamic: bool) -> list[Variant]:
         freeze, mode, gm = self.options.freeze, self.options.mode, self.graph_module
@@ -246,7 +251,7 @@ class CompiledGraph:
                 with self._stance(), self._autocast(args):
                     results = variant.run(*args)
         except torch._dynamo.exc.Unsupported as error:  # the stage's brick is named by the StageModule
-            add_note(error, "(a compiled stage is captured as one graph: make the brick traceable, e.g. "
+            add_note(error, "(a compiled eval stage is captured as one graph: make the brick traceable, e.g. "
                             "torch.cond for a branch on tensor values, or build the stage without compile=)")
             raise
         except torch._dynamo.exc.BackendCompilerFailed as error:
@@ -275,11 +280,11 @@ class CompiledGraph:
             if candidate.frozen and self._changes_own_weights:
                 continue
             candidate.before_compiling()
-            before = self._state()
+            before = self._weights.state()
             if not self._compiles(slot, candidate, args):
                 continue
-            if candidate.frozen and self._state() != before:  # constants that change: never frozen
-                self._changes_own_weights = self._changed_names(before)
+            if candidate.frozen and self._weights.state() != before:  # constants that change: never frozen
+                self._changes_own_weights = self._weights.changed_names(before)
                 candidate.forget()
                 continue
             candidates.append(candidate)
@@ -293,7 +298,7 @@ class CompiledGraph:
                 candidate.forget()
         slot.variant = chosen
         if chosen.frozen and self._weights_state is None:  # else the next check compares with the older state
-            self._weights_state = self._state()
+            self._weights_state = self._weights.state()
         if slot is self._static and not chosen.compiled:
             self._run_plain_everywhere()
         return chosen
@@ -318,29 +323,23 @@ class CompiledGraph:
             self._on_plain()  # the owner may call the plain graph directly from now on
 
     # ------------------------------------------------------------------ freshness of frozen weights
-    def _state(self) -> tuple[Any, ...]:
-        return self._weights.state()
-
-    def _changed_names(self, before: tuple[Any, ...]) -> list[str]:
-        return self._weights.changed_names(before)
-
     def _check_constant_weights(self) -> None:
         """A frozen graph's weights and buffers are constants: a stage that changes its own (a call counter,
         spectral norm left in train mode) would refreeze on every call, so it is refused."""
-        if self._weights_state is not None and self._state() != self._weights_state:
-            names = self._changed_names(self._weights_state)
+        if self._weights_state is not None and self._weights.state() != self._weights_state:
+            names = self._weights.changed_names(self._weights_state)
             raise BrickBackendError(
                 f"Stage {self.stage.value} changes {', '.join(names[:5])} while it runs, so its weights cannot be "
                 f"frozen as constants; compile it with CompileOptions(freeze=False) (or freeze=None, which then "
                 f"keeps them inputs).")
 
     def _ensure_fresh(self, args: Sequence[Any]) -> None:
-        state = self._state()
+        state = self._weights.state()
         if state != self._weights_state:
             if self._weights_state is not None and not self._rewarming:
                 self.refresh()
                 self._rewarm(args)
-            self._weights_state = self._state()
+            self._weights_state = self._weights.state()
 
     def _rewarm(self, args: Sequence[Any]) -> None:
         """After refreezing, compiles again for the batch sizes the stage warmed up on and for ``args`` (so

@@ -264,7 +264,11 @@ class StageModule(nn.Module):
                 check.run(*args)  # draws no random numbers the real call would
         if check.tuples_of_one:  # the graph unpacks them from now on (later calls run it directly)
             unpack_tuples_of_one(self.graph_module, check.tuples_of_one)
-            self._bind_own_forward()
+            self.__dict__["_plain"] = plain = PlainGraph(self.graph_module)
+            if self.compiled is not None:  # the same object: warm_up and runners hold it
+                self.compiled.rebuild(plain.run)
+            else:
+                self.__dict__["_graph_forward"] = plain.run
         self._arity_checked = True
         return results if self.compile_options is None else self._graph_forward(*args)
 

@@ -2,8 +2,9 @@
 
 A :class:`BoundStage` is a plan bound to the collection's modules: the callable of every live brick, the
 modules whose mode matters, and :meth:`BoundStage.modes`, the only place that puts modules in a stage's
-mode (TRAIN: train mode with gradients; every other stage: eval mode without) and restores the caller's
-afterwards.  The eager collection, :class:`~torchbricks_fx.fx.StageModule`, export's reference run,
+mode (TRAIN: train mode with gradients; every other stage: eval mode without) and, after an eval stage,
+restores the caller's modes (TRAIN leaves train mode: backward may run the forward again).  The eager
+collection, :class:`~torchbricks_fx.fx.StageModule`, export's reference run,
 ``benchmark`` and ``profile_bricks`` all run stages through it.
 
 Metric bricks run after every model brick of a call has succeeded, so a failing call updates no metric.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,29 +57,34 @@ def watch_module_tree(watcher: Any) -> None:
     _WATCHERS.add(watcher)
 
 
-# Optimizer steps of each parameter, counted on the parameter itself: a fused optimizer (AdamW(fused=True))
-# or one writing through ``.data`` changes weights without bumping their version counters, so a frozen
-# compiled stage compares these counts too.  Counted once some frozen stage watches (the hook is global).
-_STEP_COUNT = "_torchbricks_fx_steps"
+# Optimizer steps that changed a watched parameter: a fused optimizer (AdamW(fused=True)) or one writing
+# through ``.data`` changes weights without bumping their version counters, so a frozen compiled stage also
+# compares its watcher's ``steps``.  A step changes the parameters that have a gradient (torch's optimizers
+# skip the others).  Keyed by id: a dead parameter's id taken again costs at most one needless refreeze.
+_STEP_WATCHERS: dict[int, weakref.WeakSet[Any]] = {}
 _STEP_HOOK: list[Any] = []
 
 
-def count_optimizer_steps() -> None:
+def watch_optimizer_steps(watcher: Any, parameters: Iterable[torch.Tensor]) -> None:
+    """Adds 1 to ``watcher.steps`` after every optimizer step that changes one of ``parameters`` (torch's
+    global step hook, registered on first use)."""
     if not _STEP_HOOK:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
+    for parameter in parameters:
+        _STEP_WATCHERS.setdefault(id(parameter), weakref.WeakSet()).add(watcher)
 
 
 def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    stepped: set[Any] = set()
     for group in optimizer.param_groups:
         for parameter in group["params"]:
-            setattr(parameter, _STEP_COUNT, getattr(parameter, _STEP_COUNT, 0) + 1)
-
-
-def optimizer_steps(tensor: torch.Tensor) -> int:
-    """How many optimizer steps changed ``tensor`` since :func:`count_optimizer_steps` was first called."""
-    return getattr(tensor, _STEP_COUNT, 0)
+            watchers = _STEP_WATCHERS.get(id(parameter))
+            if watchers and parameter.grad is not None:
+                stepped.update(watchers)
+    for watcher in stepped:
+        watcher.steps += 1
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ except ImportError:  # not POSIX (Windows): no advisory locks
     fcntl = None  # type: ignore[assignment]
 
 _TAG = "tbfx"
+_UNLOCKED = "-unlocked"  # in the name of a staging folder its writer could not lock
 _HELD: set[int] = set()  # descriptors holding a lock in this process
 _STAGING_LOCKS: dict[Path, int] = {}  # this process's staging folders: the descriptor holding each one's lock
 
@@ -49,8 +50,9 @@ def make_staging(path: Path, kind: str) -> Path:
             fresh.mkdir(mode=0o777)  # less the umask
         except FileExistsError:
             continue
-        staging = path.parent / f"{stem}.{kind}"
         descriptor = _lock(fresh)
+        # One that could not be locked (no flock here, no descriptor left) says so: judged by its pid.
+        staging = path.parent / f"{stem}{'' if descriptor is not None else _UNLOCKED}.{kind}"
         try:
             os.rename(fresh, staging)
         except BaseException:
@@ -84,9 +86,9 @@ def alive(pid: int) -> bool:
 
 
 def writer_gone(staging: Path, name: str) -> bool:
-    """Whether the process that made ``staging`` is gone: its lock is free (or, where locks cannot tell,
-    its pid does not run here)."""
-    free = _lock_free(staging)
+    """Whether the process that made ``staging`` is gone: its lock is free (or, where locks cannot tell or
+    its writer could not lock it, its pid does not run here)."""
+    free = None if staging.name.rpartition(".")[0].endswith(_UNLOCKED) else _lock_free(staging)
     if free is not None:
         return free
     pid = owner_pid(staging, name)

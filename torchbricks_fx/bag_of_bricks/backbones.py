@@ -135,14 +135,17 @@ def _backbone_families() -> dict[str, str]:
 
 
 def _count_channels(layers: nn.Module) -> int:
-    """Channels of the feature maps, from one small forward pass (weights do not change the shape)."""
-    was_training = layers.training
+    """Channels of the feature maps, from one small forward pass (weights do not change the shape), on the
+    layers' device and dtype; each module's mode is put back."""
+    modes = [(module, module.training) for module in layers.modules()]
     layers.eval()  # a batch of one would break BatchNorm in train mode
+    weight = next(layers.parameters(), torch.zeros(()))
     try:
         with torch.no_grad():
-            return int(layers(torch.zeros(1, 3, 64, 64)).shape[1])
+            return int(layers(torch.zeros(1, 3, 64, 64, device=weight.device, dtype=weight.dtype)).shape[1])
     finally:
-        layers.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def torchvision_backbone(name: str, weights: Any = None, **model_kwargs: Any) -> Backbone:
