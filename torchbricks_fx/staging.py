@@ -123,23 +123,30 @@ def close_held(descriptor: int) -> None:
 
 def _lock(folder: Path) -> int | None:
     """An open descriptor of ``folder`` holding its exclusive lock; ``None`` where it cannot be locked."""
-    if fcntl is None:
-        return None
     try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
+        descriptor = _try_lock(folder)
+    except BlockingIOError:
         return None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
-        return None
-    hold(descriptor)
+    if descriptor is not None:
+        hold(descriptor)
     return descriptor
 
 
 def _lock_free(folder: Path) -> bool | None:
     """Whether nobody holds ``folder``'s lock; ``None`` where locks cannot tell."""
+    try:
+        descriptor = _try_lock(folder)
+    except BlockingIOError:
+        return False
+    if descriptor is None:
+        return None
+    os.close(descriptor)
+    return True
+
+
+def _try_lock(folder: Path) -> int | None:
+    """An open descriptor of ``folder`` holding its exclusive lock; ``BlockingIOError`` when someone else
+    holds it; ``None`` where it cannot be had (no ``flock``, no descriptor left, a vanished folder)."""
     if fcntl is None:
         return None
     try:
@@ -149,12 +156,12 @@ def _lock_free(folder: Path) -> bool | None:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False
-    except OSError:  # a file system without flock
-        return None
-    finally:
         os.close(descriptor)
-    return True
+        raise
+    except OSError:  # a file system without flock
+        os.close(descriptor)
+        return None
+    return descriptor
 
 
 def _close(descriptor: int | None) -> None:
