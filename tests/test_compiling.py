@@ -119,6 +119,25 @@ def test_a_fused_optimizer_step_after_the_last_train_call_is_seen(collection):
     assert_like_eager(inference, collection, images(2))
 
 
+@pytest.mark.parametrize("case", ["parameters replaced", "gradients cleared by the optimizer's own hook"])
+def test_fused_optimizer_steps_are_seen_in_harder_cases(collection, case):
+    """Parameters replaced by load_state_dict(assign=True) are watched from then on; a post-step hook of the
+    optimizer that frees the gradients (it runs before torch's global hooks) hides nothing."""
+    inference = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)
+    assert_like_eager(inference, collection, images(2))
+    if case == "parameters replaced":
+        collection.load_state_dict(BrickCollection(multitask_bricks()).state_dict(), assign=True)
+        assert_like_eager(inference, collection, images(2))
+    optimizer = torch.optim.AdamW(collection.parameters(), lr=0.1, fused=True)
+    if case != "parameters replaced":
+        optimizer.register_step_post_hook(lambda o, args, kwargs: o.zero_grad(set_to_none=True))
+    out = collection(train_inputs(), Stage.TRAIN)
+    sum(collection.extract_losses(out).values()).backward()  # type: ignore[union-attr]
+    assert_like_eager(inference, collection, images(2))
+    optimizer.step()
+    assert_like_eager(inference, collection, images(2))
+
+
 def test_an_optimizer_step_that_changes_none_of_its_weights_recompiles_nothing(collection):
     """torch's optimizers skip parameters without a gradient (frozen bricks in AdamW(model.parameters()))."""
     inference = compile_stage(collection, Stage.INFERENCE, compile=FROZEN)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from torchbricks_fx.compile_options import AUTOCAST_DTYPES
 from torchbricks_fx.errors import BrickBackendError, error_summary
 from torchbricks_fx.numerics import difference, tolerance
 from torchbricks_fx.plain_graph import code_copy
-from torchbricks_fx.runtime import resize_batch, watch_module_tree, watch_optimizer_steps
+from torchbricks_fx.runtime import resize_batch, watch_module_tree
 from torchbricks_fx.stage import Stage
 
 __all__ = ["Slot", "Variant", "WeightSlots", "as_float32", "batch_dynamic", "batch_size",
@@ -197,6 +198,45 @@ def as_float32(results: Any) -> Any:
     return tuple(r.float() if isinstance(r, torch.Tensor) and r.dtype in AUTOCAST_DTYPES else r for r in results)
 
 
+# Optimizer steps that changed a watched parameter: a fused optimizer (AdamW(fused=True)) or one writing
+# through ``.data`` changes weights without bumping their version counters, so a frozen compiled stage also
+# compares its watcher's ``steps``.  Each watcher keeps ``param_ids``, its current parameters.  A step
+# changes the parameters with a gradient (torch's optimizers skip the others), before it (the optimizer's
+# own post-step hooks, which run first, may clear them) or after it (a closure computes them).
+_STEP_WATCHERS: weakref.WeakSet[Any] = weakref.WeakSet()
+_STEP_HOOKS: list[Any] = []
+_HAD_GRADIENT: dict[int, set[int]] = {}  # id(optimizer) -> ids of its parameters with a gradient before a step
+
+
+def watch_optimizer_steps(watcher: Any) -> None:
+    """Adds 1 to ``watcher.steps`` after every optimizer step that changes one of ``watcher.param_ids``
+    (torch's global step hooks, registered on first use)."""
+    if not _STEP_HOOKS:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        _STEP_HOOKS.extend([register_optimizer_step_pre_hook(_before_step),
+                            register_optimizer_step_post_hook(_count_step)])
+    _STEP_WATCHERS.add(watcher)
+
+
+def _with_gradient(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+
+
+def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if _STEP_WATCHERS:
+        _HAD_GRADIENT[id(optimizer)] = _with_gradient(optimizer)
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not _STEP_WATCHERS:
+        return
+    stepped = _HAD_GRADIENT.pop(id(optimizer), set()) | _with_gradient(optimizer)
+    for watcher in tuple(_STEP_WATCHERS):
+        if not watcher.param_ids.isdisjoint(stepped):
+            watcher.steps += 1
+
+
 class WeightSlots:
     """Where every parameter and buffer of a graph's modules lives, and :meth:`state`, their versions and
     storages (and, with ``watch_steps``, the optimizer steps that changed its parameters): a frozen graph's
@@ -206,9 +246,10 @@ class WeightSlots:
     def __init__(self, graph_module: torch.fx.GraphModule, watch_steps: bool = False) -> None:
         self.graph_module = graph_module
         self.steps = 0
-        self._watch_steps = watch_steps
         self.collect()
         watch_module_tree(self)
+        if watch_steps:
+            watch_optimizer_steps(self)
 
     def collect(self, joining: nn.Module | None = None) -> None:
         """Finds the slots again; ``joining`` (a submodule being registered, not attached yet) marks them for
@@ -220,8 +261,12 @@ class WeightSlots:
         self._names = [path for path, _, _ in named]
         self._stale = joining is not None
         self.module_ids = frozenset(map(id, [*modules.values(), *(joining.modules() if joining else ())]))
-        if self._watch_steps:
-            watch_optimizer_steps(self, [p for m in modules.values() for p in m._parameters.values() if p is not None])
+        self.param_ids = frozenset(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
+
+    def parameters_changed(self) -> None:
+        """A parameter object was replaced under a watched module (torch's hook runs before it is set):
+        the slots are found again on the next :meth:`state`."""
+        self._stale = True
 
     walk_modules = collect  # what watch_module_tree calls
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,40 +51,20 @@ def watch_module_tree(watcher: Any) -> None:
     """Calls ``watcher.walk_modules(submodule)`` whenever a submodule is registered under a module whose id
     is in ``watcher.module_ids`` (torch's hook runs before the submodule is attached)."""
     if not _REGISTRATION_HOOK:
-        from torch.nn.modules.module import register_module_module_registration_hook
+        from torch.nn.modules.module import (
+            register_module_module_registration_hook,
+            register_module_parameter_registration_hook,
+        )
 
-        _REGISTRATION_HOOK.append(register_module_module_registration_hook(_on_registration))
+        _REGISTRATION_HOOK.extend([register_module_module_registration_hook(_on_registration),
+                                   register_module_parameter_registration_hook(_on_parameter)])
     _WATCHERS.add(watcher)
 
 
-# Optimizer steps that changed a watched parameter: a fused optimizer (AdamW(fused=True)) or one writing
-# through ``.data`` changes weights without bumping their version counters, so a frozen compiled stage also
-# compares its watcher's ``steps``.  A step changes the parameters that have a gradient (torch's optimizers
-# skip the others).  Keyed by id: a dead parameter's id taken again costs at most one needless refreeze.
-_STEP_WATCHERS: dict[int, weakref.WeakSet[Any]] = {}
-_STEP_HOOK: list[Any] = []
-
-
-def watch_optimizer_steps(watcher: Any, parameters: Iterable[torch.Tensor]) -> None:
-    """Adds 1 to ``watcher.steps`` after every optimizer step that changes one of ``parameters`` (torch's
-    global step hook, registered on first use)."""
-    if not _STEP_HOOK:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
-    for parameter in parameters:
-        _STEP_WATCHERS.setdefault(id(parameter), weakref.WeakSet()).add(watcher)
-
-
-def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    stepped: set[Any] = set()
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            watchers = _STEP_WATCHERS.get(id(parameter))
-            if watchers and parameter.grad is not None:
-                stepped.update(watchers)
-    for watcher in stepped:
-        watcher.steps += 1
+def _on_parameter(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+    for watcher in tuple(_WATCHERS):  # a parameter object replaced (load_state_dict(assign=True), setattr)
+        if id(module) in watcher.module_ids and hasattr(watcher, "parameters_changed"):
+            watcher.parameters_changed()
 
 
 @dataclass(frozen=True)
